@@ -1,0 +1,53 @@
+# uringserve: `make run` serves (for now: prints the capability report), `make test` runs everything.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYS_PYTHON ?= python3
+PYLIBDIR = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')")
+CARGO_ENV = PYO3_PYTHON=$(abspath $(PY)) LD_LIBRARY_PATH=$(PYLIBDIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
+TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions
+NATIVE_SRC = $(wildcard src/*.rs src/**/*.rs) Cargo.toml pyproject.toml
+
+.PHONY: help run test test-rust test-python develop lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: Makefile
+	@command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
+	@command -v $(SYS_PYTHON) >/dev/null || { echo "$(SYS_PYTHON) is required"; exit 1; }
+	@$(SYS_PYTHON) -c "import venv, ensurepip" 2>/dev/null || \
+		{ apt-get update -qq && apt-get install -y python3-venv; }
+	test -x $(PY) || $(SYS_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TEST_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SRC)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
+		$(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+develop: $(VENV)/.built ## build the native module and install it into the venv
+
+run: develop ## print the io_uring capability report (the server comes with the next issue)
+	$(PY) -m uringserve
+
+test-rust: $(VENV)/.deps ## cargo test
+	$(CARGO_ENV) cargo test --quiet
+
+test-python: develop ## pytest over the native core and the policy layer
+	$(PY) -m pytest -q
+
+test: develop test-rust test-python ## build, cargo test, pytest
+
+lint: develop ## rustfmt, clippy -D warnings, ruff, stubtest
+	cargo fmt --check
+	$(CARGO_ENV) cargo clippy --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(PY) -m mypy.stubtest uringserve._uringserve
+
+clean: ## remove build products and the venv
+	cargo clean
+	rm -rf $(VENV)

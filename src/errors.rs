@@ -1,0 +1,225 @@
+//! Every error of the native core, and the one place where each maps onto a Python exception.
+
+use std::fmt;
+use std::io;
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
+use pyo3::PyErr;
+
+create_exception!(
+    _uringserve,
+    UringError,
+    PyOSError,
+    "Base class of every error raised by the native core; errno keeps the kernel's errno."
+);
+create_exception!(
+    _uringserve,
+    RingSetupError,
+    UringError,
+    "io_uring_setup or a buffer-ring registration failed."
+);
+create_exception!(
+    _uringserve,
+    RingClosedError,
+    UringError,
+    "The ring was used after close()."
+);
+create_exception!(
+    _uringserve,
+    WrongThreadError,
+    UringError,
+    "The ring was used from a thread other than the one that created it."
+);
+create_exception!(
+    _uringserve,
+    ForkedRingError,
+    UringError,
+    "The ring was used in a process forked after it was created."
+);
+create_exception!(
+    _uringserve,
+    RingUnhealthyError,
+    UringError,
+    "The hot-path ring turned unhealthy; new submissions are refused."
+);
+create_exception!(
+    _uringserve,
+    InvalidBufferError,
+    UringError,
+    "A provided-buffer id was out of range or not held by the caller."
+);
+
+/// Why a ring operation failed. Each variant keeps the original OS error where there is one.
+#[derive(Debug)]
+pub enum RingError {
+    /// io_uring_setup, or registering the provided-buffer ring, failed.
+    Setup {
+        what: &'static str,
+        source: io::Error,
+    },
+    /// An io_uring_enter (submit or wait) failed unexpectedly.
+    Enter(io::Error),
+    /// A completed operation reported an error, e.g. accept() returned -EMFILE.
+    Op {
+        what: &'static str,
+        errno: i32,
+    },
+    Closed,
+    WrongThread,
+    Forked {
+        owner_pid: u32,
+    },
+    Unhealthy(String),
+    InvalidArgument(String),
+    InvalidBuffer(String),
+    AlreadyArmed {
+        fd: i32,
+        what: &'static str,
+    },
+    TimedOut(&'static str),
+}
+
+pub type RingResult<T> = Result<T, RingError>;
+
+/// The symbolic name of an errno, for messages a user can search for.
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EINTR => "EINTR",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EINVAL => "EINVAL",
+        libc::ENFILE => "ENFILE",
+        libc::EMFILE => "EMFILE",
+        libc::EPIPE => "EPIPE",
+        libc::ENOSYS => "ENOSYS",
+        libc::ETIME => "ETIME",
+        libc::ENOTSOCK => "ENOTSOCK",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EALREADY => "EALREADY",
+        libc::ECANCELED => "ECANCELED",
+        libc::EOVERFLOW => "EOVERFLOW",
+        _ => "E?",
+    }
+}
+
+fn describe(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(errno) => format!("{} ({})", errno_name(errno), err),
+        None => err.to_string(),
+    }
+}
+
+impl RingError {
+    /// The errno carried to Python's OSError.errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            RingError::Setup { source, .. } | RingError::Enter(source) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            RingError::Op { errno, .. } => *errno,
+            RingError::Closed => libc::EBADF,
+            RingError::WrongThread => libc::EEXIST,
+            RingError::Forked { .. } => libc::EPERM,
+            RingError::Unhealthy(_) => libc::EIO,
+            RingError::InvalidArgument(_) | RingError::InvalidBuffer(_) => libc::EINVAL,
+            RingError::AlreadyArmed { .. } => libc::EALREADY,
+            RingError::TimedOut(_) => libc::ETIMEDOUT,
+        }
+    }
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingError::Setup { what, source } => write!(f, "{what} failed: {}", describe(source)),
+            RingError::Enter(source) => write!(f, "io_uring_enter failed: {}", describe(source)),
+            RingError::Op { what, errno } => write!(
+                f,
+                "{what} failed: {} ({})",
+                errno_name(*errno),
+                io::Error::from_raw_os_error(*errno)
+            ),
+            RingError::Closed => write!(f, "the ring is closed"),
+            RingError::WrongThread => write!(
+                f,
+                "this ring belongs to the thread that created it; create one ring per thread"
+            ),
+            RingError::Forked { owner_pid } => write!(
+                f,
+                "this ring was created by process {owner_pid} before fork(); \
+                 create rings after fork, in each worker"
+            ),
+            RingError::Unhealthy(reason) => write!(f, "the ring is unhealthy: {reason}"),
+            RingError::InvalidArgument(msg) | RingError::InvalidBuffer(msg) => f.write_str(msg),
+            RingError::AlreadyArmed { fd, what } => write!(
+                f,
+                "fd {fd} already has a {what} armed; cancel_fd() it before arming another"
+            ),
+            RingError::TimedOut(what) => write!(f, "{what} timed out"),
+        }
+    }
+}
+
+impl std::error::Error for RingError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RingError::Setup { source, .. } | RingError::Enter(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<RingError> for PyErr {
+    fn from(err: RingError) -> PyErr {
+        let args = (err.errno(), err.to_string());
+        match err {
+            RingError::Setup { .. } => PyErr::new::<RingSetupError, _>(args),
+            RingError::Enter(_) | RingError::Op { .. } | RingError::AlreadyArmed { .. } => {
+                PyErr::new::<UringError, _>(args)
+            }
+            RingError::Closed => PyErr::new::<RingClosedError, _>(args),
+            RingError::WrongThread => PyErr::new::<WrongThreadError, _>(args),
+            RingError::Forked { .. } => PyErr::new::<ForkedRingError, _>(args),
+            RingError::Unhealthy(_) => PyErr::new::<RingUnhealthyError, _>(args),
+            RingError::InvalidBuffer(_) => PyErr::new::<InvalidBufferError, _>(args),
+            RingError::InvalidArgument(msg) => PyValueError::new_err(msg),
+            RingError::TimedOut(_) => PyTimeoutError::new_err(args),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_error_keeps_errno_and_name() {
+        let err = RingError::Setup {
+            what: "io_uring_setup",
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        assert_eq!(err.errno(), libc::EPERM);
+        assert!(err.to_string().starts_with("io_uring_setup failed: EPERM"));
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn op_error_names_errno() {
+        let err = RingError::Op {
+            what: "accept",
+            errno: libc::EMFILE,
+        };
+        assert!(err.to_string().contains("EMFILE"));
+    }
+}

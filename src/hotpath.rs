@@ -1,0 +1,717 @@
+//! The hot-path engine: multishot accept and recv over a buffer ring, ordered sends, health.
+//! It knows nothing of Python; hotpath_py.rs wraps it and releases the GIL around enters.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::bufring::{BufRing, MAX_BUFS};
+use crate::errors::{errno_name, RingError, RingResult};
+use crate::uring::{close_fd, Cqe, Uring, MAX_ENTRIES};
+
+/// user_data of cancel requests: their own CQEs carry nothing we need.
+const UD_INTERNAL: u64 = u64::MAX;
+pub const MIN_BUF_SIZE: u32 = 64;
+pub const MAX_BUF_SIZE: u32 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Accept,
+    Recv,
+    Send,
+}
+
+impl OpKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Accept => "accept",
+            OpKind::Recv => "recv",
+            OpKind::Send => "send",
+        }
+    }
+}
+
+/// The ops a cancel_fd() waits for.
+pub struct CancelTicket {
+    fd: i32,
+    generation: u32,
+    slots: Vec<u32>,
+}
+
+/// What the caller sees of a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub op: OpKind,
+    pub fd: i32,
+    pub result: i32,
+    pub buf_id: Option<u16>,
+    /// The operation stays armed (the ring re-arms it itself where the kernel ended it).
+    pub more: bool,
+}
+
+/// A send being written; its bytes stay here, untouched, until the final CQE.
+struct SendJob {
+    data: Vec<u8>,
+    sent: usize,
+}
+
+/// One armed operation. Its slot index is the SQE's user_data.
+struct Op {
+    kind: OpKind,
+    fd: i32,
+    generation: u32,
+    send: Option<SendJob>,
+}
+
+/// What is armed on one fd, tagged with a generation so that CQEs for an earlier file that had
+/// the same fd number are recognised as stale.
+struct FdState {
+    generation: u32,
+    accept_slot: Option<u32>,
+    recv_slot: Option<u32>,
+    /// The recv ended with ENOBUFS and waits for buffers to come back.
+    recv_starved: bool,
+    send_slot: Option<u32>,
+    send_queue: VecDeque<SendJob>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub accepts: u64,
+    pub recv_bytes: u64,
+    pub sends: u64,
+    pub short_sends: u64,
+    pub enobufs: u64,
+    pub recv_rearms: u64,
+    pub accept_rearms: u64,
+    pub stale_dropped: u64,
+}
+
+pub struct Hotpath {
+    pub uring: Uring,
+    bufs: Option<BufRing>,
+    ops: Vec<Option<Op>>,
+    free_slots: Vec<u32>,
+    fds: HashMap<i32, FdState>,
+    next_generation: u32,
+    starved: VecDeque<i32>,
+    /// Completions for the caller, oldest first.
+    pub ready: VecDeque<Completion>,
+    scratch: Vec<Cqe>,
+    pub counters: Counters,
+    unhealthy: Option<String>,
+}
+
+fn power_of_two_in(name: &str, value: u32, min: u32, max: u32) -> RingResult<()> {
+    if value.is_power_of_two() && (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(RingError::InvalidArgument(format!(
+            "{name} must be a power of two between {min} and {max}, not {value}"
+        )))
+    }
+}
+
+fn setup_error(what: &'static str) -> impl FnOnce(io::Error) -> RingError {
+    move |source| RingError::Setup { what, source }
+}
+
+impl Hotpath {
+    pub fn validate(queue_depth: u32, n_bufs: u32, buf_size: u32) -> RingResult<()> {
+        power_of_two_in("queue_depth", queue_depth, 1, MAX_ENTRIES)?;
+        power_of_two_in("n_bufs", n_bufs, 1, MAX_BUFS)?;
+        power_of_two_in("buf_size", buf_size, MIN_BUF_SIZE, MAX_BUF_SIZE)
+    }
+
+    pub fn new(queue_depth: u32, n_bufs: u32, buf_size: u32) -> RingResult<Hotpath> {
+        Self::validate(queue_depth, n_bufs, buf_size)?;
+        let uring = Uring::new(queue_depth, None, queue_depth.min(64))
+            .map_err(setup_error("io_uring_setup"))?;
+        let mut bufs = BufRing::new(n_bufs, buf_size, 0).map_err(setup_error("buffer mmap"))?;
+        bufs.register(&uring)
+            .map_err(setup_error("io_uring_register(PBUF_RING)"))?;
+        Ok(Hotpath {
+            uring,
+            bufs: Some(bufs),
+            ops: Vec::new(),
+            free_slots: Vec::new(),
+            fds: HashMap::new(),
+            next_generation: 0,
+            starved: VecDeque::new(),
+            ready: VecDeque::new(),
+            scratch: Vec::new(),
+            counters: Counters::default(),
+            unhealthy: None,
+        })
+    }
+
+    fn bufs(&self) -> &BufRing {
+        self.bufs.as_ref().expect("buffer ring present until close")
+    }
+
+    fn bufs_mut(&mut self) -> &mut BufRing {
+        self.bufs.as_mut().expect("buffer ring present until close")
+    }
+
+    pub fn n_bufs(&self) -> u32 {
+        self.bufs().n_bufs()
+    }
+
+    pub fn buf_size(&self) -> u32 {
+        self.bufs().buf_size()
+    }
+
+    // ---- health -------------------------------------------------------------------------
+
+    pub fn unhealthy_reason(&self) -> Option<&str> {
+        self.unhealthy.as_deref()
+    }
+
+    pub fn mark_unhealthy(&mut self, reason: String) {
+        if self.unhealthy.is_none() {
+            self.unhealthy = Some(reason);
+        }
+    }
+
+    fn check_healthy(&self) -> RingResult<()> {
+        match &self.unhealthy {
+            Some(reason) => Err(RingError::Unhealthy(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// An enter or submit failed: EINTR, EBUSY and EAGAIN are expected and leave the ring
+    /// healthy; anything else makes it unhealthy and is returned.
+    pub fn enter_failed(&mut self, err: io::Error) -> RingResult<()> {
+        match err.raw_os_error() {
+            Some(libc::EINTR | libc::EBUSY | libc::EAGAIN | libc::ETIME) => Ok(()),
+            _ => {
+                let errno = err.raw_os_error().unwrap_or(0);
+                self.mark_unhealthy(format!(
+                    "io_uring_enter failed: {} ({err})",
+                    errno_name(errno)
+                ));
+                Err(RingError::Enter(err))
+            }
+        }
+    }
+
+    // ---- slots and fd state -------------------------------------------------------------
+
+    fn new_slot(&mut self, op: Op) -> u32 {
+        match self.free_slots.pop() {
+            Some(slot) => {
+                self.ops[slot as usize] = Some(op);
+                slot
+            }
+            None => {
+                self.ops.push(Some(op));
+                (self.ops.len() - 1) as u32
+            }
+        }
+    }
+
+    fn free_slot(&mut self, slot: u32) -> Option<Op> {
+        let op = self.ops.get_mut(slot as usize)?.take();
+        if op.is_some() {
+            self.free_slots.push(slot);
+        }
+        op
+    }
+
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.iter().filter(|o| o.is_some()).count()
+    }
+
+    fn state(&mut self, fd: i32) -> &mut FdState {
+        let next = &mut self.next_generation;
+        self.fds.entry(fd).or_insert_with(|| {
+            *next = next.wrapping_add(1);
+            FdState {
+                generation: *next,
+                accept_slot: None,
+                recv_slot: None,
+                recv_starved: false,
+                send_slot: None,
+                send_queue: VecDeque::new(),
+            }
+        })
+    }
+
+    fn current(&mut self, fd: i32, generation: u32) -> Option<&mut FdState> {
+        self.fds.get_mut(&fd).filter(|s| s.generation == generation)
+    }
+
+    /// A push that fails means the ring cannot take work: that is unhealthy.
+    fn pushed(&mut self, result: io::Result<()>) -> RingResult<()> {
+        result.map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(0);
+            self.mark_unhealthy(format!("submit failed: {} ({e})", errno_name(errno)));
+            RingError::Enter(e)
+        })
+    }
+
+    // ---- arming -------------------------------------------------------------------------
+
+    fn arm_accept(&mut self, fd: i32) -> RingResult<()> {
+        let generation = self.state(fd).generation;
+        let slot = self.new_slot(Op {
+            kind: OpKind::Accept,
+            fd,
+            generation,
+            send: None,
+        });
+        self.state(fd).accept_slot = Some(slot);
+        let res = self.uring.push_accept_multishot(fd, slot as u64);
+        self.pushed(res)
+    }
+
+    fn arm_recv(&mut self, fd: i32) -> RingResult<()> {
+        let generation = self.state(fd).generation;
+        let slot = self.new_slot(Op {
+            kind: OpKind::Recv,
+            fd,
+            generation,
+            send: None,
+        });
+        let state = self.state(fd);
+        state.recv_slot = Some(slot);
+        state.recv_starved = false;
+        let group = self.bufs().group();
+        let res = self.uring.push_recv_multishot(fd, group, slot as u64);
+        self.pushed(res)
+    }
+
+    /// Starts the next queued send on `fd`, if none is in flight. Empty sends complete at once.
+    fn pump_send(&mut self, fd: i32) -> RingResult<()> {
+        loop {
+            let Some(state) = self.fds.get_mut(&fd) else {
+                return Ok(());
+            };
+            if state.send_slot.is_some() {
+                return Ok(());
+            }
+            let Some(job) = state.send_queue.pop_front() else {
+                return Ok(());
+            };
+            if job.data.is_empty() {
+                self.counters.sends += 1;
+                self.ready.push_back(Completion {
+                    op: OpKind::Send,
+                    fd,
+                    result: 0,
+                    buf_id: None,
+                    more: false,
+                });
+                continue;
+            }
+            let generation = state.generation;
+            return self.push_send_job(fd, generation, job);
+        }
+    }
+
+    fn push_send_job(&mut self, fd: i32, generation: u32, job: SendJob) -> RingResult<()> {
+        let remaining = job.data.len() - job.sent;
+        let len = remaining.min(u32::MAX as usize) as u32;
+        let slot = self.new_slot(Op {
+            kind: OpKind::Send,
+            fd,
+            generation,
+            send: Some(job),
+        });
+        if let Some(state) = self.current(fd, generation) {
+            state.send_slot = Some(slot);
+        }
+        let job = self.ops[slot as usize]
+            .as_ref()
+            .and_then(|op| op.send.as_ref())
+            .expect("just stored");
+        // SAFETY: the bytes live in the SendJob owned by this op's slot, which is neither
+        // changed nor freed before the send's final CQE (free_slot runs only on that CQE, and
+        // close() leaks slots whose final CQE it could not confirm).
+        let ptr = unsafe { job.data.as_ptr().add(job.sent) };
+        // SAFETY: ptr..ptr+len lies inside job.data (see above).
+        let res = unsafe { self.uring.push_send(fd, ptr, len, slot as u64) };
+        self.pushed(res)
+    }
+
+    pub fn submit_accept_multishot(&mut self, fd: i32) -> RingResult<()> {
+        self.check_healthy()?;
+        if self.state(fd).accept_slot.is_some() {
+            return Err(RingError::AlreadyArmed {
+                fd,
+                what: "multishot accept",
+            });
+        }
+        self.arm_accept(fd)
+    }
+
+    pub fn submit_recv_multishot(&mut self, fd: i32) -> RingResult<()> {
+        self.check_healthy()?;
+        let state = self.state(fd);
+        if state.recv_slot.is_some() || state.recv_starved {
+            return Err(RingError::AlreadyArmed {
+                fd,
+                what: "multishot recv",
+            });
+        }
+        self.arm_recv(fd)
+    }
+
+    pub fn submit_send(&mut self, fd: i32, data: Vec<u8>) -> RingResult<()> {
+        self.check_healthy()?;
+        self.state(fd)
+            .send_queue
+            .push_back(SendJob { data, sent: 0 });
+        self.pump_send(fd)
+    }
+
+    // ---- buffers ------------------------------------------------------------------------
+
+    pub fn buffer(&self, bid: u32, len: usize) -> RingResult<&[u8]> {
+        self.bufs()
+            .bytes(bid, len)
+            .map_err(RingError::InvalidBuffer)
+    }
+
+    pub fn release_buffer(&mut self, bid: u32) -> RingResult<()> {
+        self.bufs_mut()
+            .release(bid)
+            .map_err(RingError::InvalidBuffer)?;
+        self.rearm_starved()
+    }
+
+    /// Re-arms recvs that ran out of buffers, no more of them than there are free buffers, so
+    /// a re-armed recv does not meet an empty ring again at once.
+    fn rearm_starved(&mut self) -> RingResult<()> {
+        let mut budget = self.bufs().available();
+        while budget > 0 {
+            let Some(fd) = self.starved.pop_front() else {
+                break;
+            };
+            let waiting = self
+                .fds
+                .get(&fd)
+                .is_some_and(|s| s.recv_starved && s.recv_slot.is_none());
+            if waiting && self.unhealthy.is_none() {
+                self.counters.recv_rearms += 1;
+                self.arm_recv(fd)?;
+                budget -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- cancel -------------------------------------------------------------------------
+
+    /// Forgets `fd` and asks the kernel to cancel everything armed on it. Returns what must
+    /// reach its final CQE before the fd may be closed. Queued sends are dropped.
+    pub fn begin_cancel_fd(&mut self, fd: i32) -> RingResult<CancelTicket> {
+        let Some(state) = self.fds.remove(&fd) else {
+            return Ok(CancelTicket {
+                fd,
+                generation: 0,
+                slots: Vec::new(),
+            });
+        };
+        self.starved.retain(|&f| f != fd);
+        let slots: Vec<u32> = [state.accept_slot, state.recv_slot, state.send_slot]
+            .into_iter()
+            .flatten()
+            .collect();
+        if !slots.is_empty() {
+            let res = self.uring.push_cancel_fd(fd, UD_INTERNAL);
+            self.pushed(res)?;
+        }
+        Ok(CancelTicket {
+            fd,
+            generation: state.generation,
+            slots,
+        })
+    }
+
+    /// True once every op named by the ticket has posted its final CQE.
+    pub fn cancel_done(&self, ticket: &CancelTicket) -> bool {
+        ticket.slots.iter().all(|&slot| {
+            !matches!(self.ops.get(slot as usize), Some(Some(op))
+                if op.fd == ticket.fd && op.generation == ticket.generation)
+        })
+    }
+
+    /// Enters and reaps until `done` holds or the deadline passes. Returns whether it held.
+    /// Completions for other fds that arrive meanwhile are kept for the caller.
+    pub fn drive_until(
+        &mut self,
+        deadline: Instant,
+        done: impl Fn(&Hotpath) -> bool,
+    ) -> RingResult<bool> {
+        loop {
+            self.reap()?;
+            if done(self) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            if let Err(e) = self.enter(1, Some(left)) {
+                self.enter_failed(e)?;
+            }
+        }
+    }
+
+    /// Cancels ops of an earlier file whose fd number the kernel has just reused. The number
+    /// now names a new file, so cancel by user_data, never by fd.
+    fn retire_stale(&mut self, fd: i32) {
+        if let Some(state) = self.fds.remove(&fd) {
+            self.starved.retain(|&f| f != fd);
+            for slot in [state.accept_slot, state.recv_slot, state.send_slot]
+                .into_iter()
+                .flatten()
+            {
+                let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
+                let _ = self.pushed(res);
+            }
+        }
+    }
+
+    pub fn begin_cancel_all(&mut self) -> RingResult<()> {
+        self.fds.clear();
+        self.starved.clear();
+        if self.ops_in_flight() > 0 {
+            let res = self.uring.push_cancel_any(UD_INTERNAL);
+            self.pushed(res)?;
+        }
+        Ok(())
+    }
+
+    // ---- completions --------------------------------------------------------------------
+
+    /// Enters once: submits what is queued, waits for `want` CQEs or the timeout.
+    pub fn enter(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<usize> {
+        self.uring.submit_and_wait(want, timeout)
+    }
+
+    /// Handles every CQE now in the CQ, without entering the kernel.
+    pub fn reap(&mut self) -> RingResult<()> {
+        let mut cqes = std::mem::take(&mut self.scratch);
+        cqes.clear();
+        self.uring.reap(&mut cqes);
+        let mut result = Ok(());
+        for cqe in &cqes {
+            if let Err(e) = self.handle(*cqe) {
+                result = Err(e);
+            }
+        }
+        self.scratch = cqes;
+        result
+    }
+
+    fn handle(&mut self, cqe: Cqe) -> RingResult<()> {
+        if cqe.user_data == UD_INTERNAL {
+            return Ok(());
+        }
+        let slot = cqe.user_data as u32;
+        let more = cqe.more();
+        let op = if more {
+            match self.ops.get(slot as usize).and_then(|o| o.as_ref()) {
+                Some(op) => Op {
+                    kind: op.kind,
+                    fd: op.fd,
+                    generation: op.generation,
+                    send: None,
+                },
+                None => return Ok(()),
+            }
+        } else {
+            match self.free_slot(slot) {
+                Some(op) => op,
+                None => return Ok(()),
+            }
+        };
+        let stale = self.current(op.fd, op.generation).is_none();
+        match op.kind {
+            OpKind::Accept => self.on_accept(op, slot, cqe, stale),
+            OpKind::Recv => self.on_recv(op, slot, cqe, stale),
+            OpKind::Send => self.on_send(op, cqe, stale),
+        }
+    }
+
+    fn on_accept(&mut self, op: Op, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {
+        let more = cqe.more();
+        if stale {
+            self.counters.stale_dropped += 1;
+            if cqe.result >= 0 {
+                // Accepted after the listener was cancelled: nobody will ever see this fd.
+                close_fd(cqe.result);
+            }
+            return Ok(());
+        }
+        if cqe.result >= 0 {
+            self.counters.accepts += 1;
+            self.retire_stale(cqe.result);
+        }
+        let mut rearm = false;
+        if !more {
+            if let Some(state) = self.current(op.fd, op.generation) {
+                if state.accept_slot == Some(slot) {
+                    state.accept_slot = None;
+                }
+            }
+            // Errors that say the listener is gone or unusable end it; EMFILE and the like do not.
+            rearm = !matches!(
+                -cqe.result,
+                libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::ECANCELED
+            ) && self.unhealthy.is_none();
+        }
+        if cqe.result != -libc::ECANCELED {
+            self.ready.push_back(Completion {
+                op: OpKind::Accept,
+                fd: op.fd,
+                result: cqe.result,
+                buf_id: None,
+                more: more || rearm,
+            });
+        }
+        if rearm {
+            self.counters.accept_rearms += 1;
+            self.arm_accept(op.fd)?;
+        }
+        Ok(())
+    }
+
+    fn on_recv(&mut self, op: Op, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {
+        let more = cqe.more();
+        let bid = cqe.buffer_id();
+        if let Some(bid) = bid {
+            if !self.bufs_mut().take_from_kernel(bid) {
+                self.mark_unhealthy(format!(
+                    "kernel delivered buffer {bid}, which it did not hold"
+                ));
+                return Err(RingError::Unhealthy(
+                    self.unhealthy.clone().unwrap_or_default(),
+                ));
+            }
+        }
+        if stale {
+            self.counters.stale_dropped += 1;
+            if let Some(bid) = bid {
+                self.release_buffer(bid as u32)?;
+            }
+            return Ok(());
+        }
+        if !more {
+            if let Some(state) = self.current(op.fd, op.generation) {
+                if state.recv_slot == Some(slot) {
+                    state.recv_slot = None;
+                }
+            }
+        }
+        if cqe.result == -libc::ENOBUFS {
+            // Not a failure: the data waits in the socket until buffers come back.
+            self.counters.enobufs += 1;
+            if let Some(state) = self.current(op.fd, op.generation) {
+                state.recv_starved = true;
+                self.starved.push_back(op.fd);
+            }
+            return self.rearm_starved();
+        }
+        if cqe.result > 0 {
+            self.counters.recv_bytes += cqe.result as u64;
+            let rearm = !more && self.unhealthy.is_none();
+            self.ready.push_back(Completion {
+                op: OpKind::Recv,
+                fd: op.fd,
+                result: cqe.result,
+                buf_id: bid,
+                more: more || rearm,
+            });
+            if rearm {
+                // The kernel ended the multishot while data still flows: keep one recv armed.
+                self.counters.recv_rearms += 1;
+                self.arm_recv(op.fd)?;
+            }
+            return Ok(());
+        }
+        if cqe.result == -libc::ECANCELED {
+            return Ok(());
+        }
+        // EOF (0) or an error: the recv is over and the caller decides what follows.
+        self.ready.push_back(Completion {
+            op: OpKind::Recv,
+            fd: op.fd,
+            result: cqe.result,
+            buf_id: None,
+            more,
+        });
+        Ok(())
+    }
+
+    fn on_send(&mut self, op: Op, cqe: Cqe, stale: bool) -> RingResult<()> {
+        let Some(mut job) = op.send else {
+            return Ok(());
+        };
+        if stale {
+            self.counters.stale_dropped += 1;
+            return Ok(());
+        }
+        if let Some(state) = self.current(op.fd, op.generation) {
+            state.send_slot = None;
+        }
+        if cqe.result > 0 {
+            job.sent += cqe.result as usize;
+            if job.sent < job.data.len() {
+                // A short write: send the rest from where the kernel stopped.
+                self.counters.short_sends += 1;
+                return self.push_send_job(op.fd, op.generation, job);
+            }
+        }
+        let result = if cqe.result < 0 {
+            cqe.result
+        } else {
+            job.sent.min(i32::MAX as usize) as i32
+        };
+        if cqe.result >= 0 {
+            self.counters.sends += 1;
+        }
+        self.ready.push_back(Completion {
+            op: OpKind::Send,
+            fd: op.fd,
+            result,
+            buf_id: None,
+            more: false,
+        });
+        drop(job);
+        self.pump_send(op.fd)
+    }
+
+    // ---- teardown -----------------------------------------------------------------------
+
+    /// Unregisters the buffer ring. When `confirmed` is false (final CQEs not all seen), the
+    /// memory the kernel might still use is leaked rather than freed.
+    pub fn teardown(&mut self, confirmed: bool) {
+        let Some(mut bufs) = self.bufs.take() else {
+            return;
+        };
+        let unregistered = bufs.unregister(&self.uring).is_ok();
+        if confirmed && unregistered {
+            drop(bufs);
+        } else {
+            bufs.leak();
+            for op in self.ops.drain(..) {
+                std::mem::forget(op);
+            }
+        }
+    }
+
+    /// In a forked child: give up everything without touching the parent's ring.
+    pub fn abandon(&mut self) {
+        self.uring.leak_on_drop();
+        if let Some(bufs) = self.bufs.take() {
+            bufs.leak();
+        }
+        for op in self.ops.drain(..) {
+            std::mem::forget(op);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The `uringserve._uringserve` extension module: wiring only.
+
+pub mod bufring;
+pub mod errors;
+pub mod hotpath;
+mod hotpath_py;
+mod owner;
+pub mod probe;
+mod probe_py;
+mod pyargs;
+mod ring;
+pub mod uring;
+
+use pyo3::prelude::*;
+
+/// Bumped whenever the Python layer must change with the native module.
+pub const ABI_VERSION: u32 = 1;
+
+#[pymodule]
+fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("ABI_VERSION", ABI_VERSION)?;
+    m.add_class::<ring::Ring>()?;
+    m.add_class::<hotpath_py::HotpathRing>()?;
+    m.add_class::<hotpath_py::Completion>()?;
+    m.add_function(wrap_pyfunction!(probe_py::probe, m)?)?;
+    m.add("UringError", py.get_type::<errors::UringError>())?;
+    m.add("RingSetupError", py.get_type::<errors::RingSetupError>())?;
+    m.add("RingClosedError", py.get_type::<errors::RingClosedError>())?;
+    m.add(
+        "WrongThreadError",
+        py.get_type::<errors::WrongThreadError>(),
+    )?;
+    m.add("ForkedRingError", py.get_type::<errors::ForkedRingError>())?;
+    m.add(
+        "RingUnhealthyError",
+        py.get_type::<errors::RingUnhealthyError>(),
+    )?;
+    m.add(
+        "InvalidBufferError",
+        py.get_type::<errors::InvalidBufferError>(),
+    )?;
+    Ok(())
+}
