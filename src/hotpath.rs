@@ -715,3 +715,129 @@ impl Hotpath {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// Enters until at least one completion is ready or the deadline passes.
+    fn next(hp: &mut Hotpath, deadline: Instant) -> Vec<Completion> {
+        loop {
+            hp.reap().unwrap();
+            if !hp.ready.is_empty() || Instant::now() >= deadline {
+                return hp.ready.drain(..).collect();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = hp.enter(1, Some(left)) {
+                hp.enter_failed(e).unwrap();
+            }
+        }
+    }
+
+    fn accept_one(hp: &mut Hotpath, listener: &TcpListener) -> (i32, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let done = next(hp, deadline);
+            assert!(Instant::now() < deadline, "no accept completion");
+            if let Some(c) = done.iter().find(|c| c.op == OpKind::Accept) {
+                assert!(c.result >= 0, "accept failed: {}", c.result);
+                return (c.result, client);
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_sizes_that_are_not_powers_of_two() {
+        assert!(Hotpath::validate(1000, 512, 8192).is_err());
+        assert!(Hotpath::validate(1024, 0, 8192).is_err());
+        assert!(Hotpath::validate(1024, 512, 32).is_err());
+        assert!(Hotpath::validate(65536, 512, 8192).is_err());
+        assert!(Hotpath::validate(1024, 512, 8192).is_ok());
+    }
+
+    #[test]
+    fn enobufs_rearms_and_loses_nothing() {
+        let mut hp = Hotpath::new(64, 2, 1024).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
+        let (fd, mut client) = accept_one(&mut hp, &listener);
+        hp.submit_recv_multishot(fd).unwrap();
+        let payload: Vec<u8> = (0..32 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        client.write_all(&payload).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < payload.len() && Instant::now() < deadline {
+            // Hold every buffer of the batch before releasing any, so the pool runs dry.
+            let batch = next(&mut hp, deadline);
+            for c in batch.iter().filter(|c| c.op == OpKind::Recv) {
+                assert!(c.result > 0, "unexpected recv result {}", c.result);
+                let bid = c.buf_id.unwrap() as u32;
+                got.extend_from_slice(hp.buffer(bid, c.result as usize).unwrap());
+            }
+            for c in batch.iter().filter(|c| c.op == OpKind::Recv) {
+                hp.release_buffer(c.buf_id.unwrap() as u32).unwrap();
+            }
+        }
+        assert_eq!(got, payload);
+        assert!(hp.counters.enobufs > 0);
+        assert!(hp.counters.recv_rearms > 0);
+        hp.begin_cancel_all().unwrap();
+        assert!(hp
+            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
+                .ops_in_flight()
+                == 0)
+            .unwrap());
+        hp.teardown(true);
+        close_fd(fd);
+    }
+
+    #[test]
+    fn short_send_is_resubmitted_in_order() {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
+        let (fd, mut client) = accept_one(&mut hp, &listener);
+        let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
+        hp.submit_send(fd, payload.clone()).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            while got.len() < 8 << 20 {
+                let n = client.read(&mut chunk).unwrap();
+                assert!(n > 0, "EOF before the whole payload");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let sent = loop {
+            let done = next(&mut hp, deadline);
+            assert!(Instant::now() < deadline, "send did not complete");
+            if let Some(c) = done.iter().find(|c| c.op == OpKind::Send) {
+                break c.result;
+            }
+        };
+        assert_eq!(sent as usize, payload.len());
+        assert_eq!(reader.join().unwrap(), payload);
+        assert!(
+            hp.counters.short_sends > 0,
+            "8 MiB on loopback is always short-written"
+        );
+        let ticket = hp.begin_cancel_fd(fd).unwrap();
+        assert!(hp
+            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
+                .cancel_done(&ticket))
+            .unwrap());
+        close_fd(fd);
+        hp.begin_cancel_all().unwrap();
+        hp.drive_until(Instant::now() + Duration::from_secs(5), |h| {
+            h.ops_in_flight() == 0
+        })
+        .unwrap();
+        hp.teardown(true);
+    }
+}

@@ -215,8 +215,9 @@ impl HotpathRing {
         }
     }
 
-    #[pyo3(signature = (reason = "forced by force_unhealthy()".to_owned()))]
-    fn force_unhealthy(&self, reason: String) -> PyResult<()> {
+    #[pyo3(signature = (reason = None))]
+    fn force_unhealthy(&self, reason: Option<String>) -> PyResult<()> {
+        let reason = reason.unwrap_or_else(|| "forced by force_unhealthy()".to_owned());
         let mut guard = self.engine()?;
         guard.as_mut().expect("checked open").mark_unhealthy(reason);
         Ok(())

@@ -335,6 +335,15 @@ pub fn cqe_errno(result: i32) -> Option<i32> {
     (result < 0).then_some(-result)
 }
 
+/// Closes an fd the kernel handed us in a completion and that nobody else owns.
+pub fn close_fd(fd: i32) {
+    // SAFETY: callers pass only fds returned by accept completions that were never given out,
+    // so no other owner can be using or later closing this number.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,14 +395,5 @@ mod tests {
         let mut ids: Vec<u64> = out.iter().map(|c| c.user_data).collect();
         ids.sort_unstable();
         assert_eq!(ids, (0..20).collect::<Vec<_>>());
-    }
-}
-
-/// Closes an fd the kernel handed us in a completion and that nobody else owns.
-pub fn close_fd(fd: i32) {
-    // SAFETY: callers pass only fds returned by accept completions that were never given out,
-    // so no other owner can be using or later closing this number.
-    unsafe {
-        libc::close(fd);
     }
 }

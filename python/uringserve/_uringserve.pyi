@@ -5,6 +5,21 @@ from typing import Final, Protocol, final
 
 from typing_extensions import Buffer, Self
 
+__all__ = [
+    "ABI_VERSION",
+    "Completion",
+    "ForkedRingError",
+    "HotpathRing",
+    "InvalidBufferError",
+    "Ring",
+    "RingClosedError",
+    "RingSetupError",
+    "RingUnhealthyError",
+    "UringError",
+    "WrongThreadError",
+    "probe",
+]
+
 ABI_VERSION: Final[int]
 
 class _HasFileno(Protocol):
@@ -38,7 +53,7 @@ def probe() -> dict[str, object]:
 
 @final
 class Ring:
-    def __init__(self, queue_depth: int = 256) -> None: ...
+    def __new__(cls, queue_depth: int = 256) -> Self: ...
     @property
     def queue_depth(self) -> int: ...
     @property
@@ -64,7 +79,7 @@ class Completion:
 
 @final
 class HotpathRing:
-    def __init__(self, queue_depth: int = 1024, n_bufs: int = 512, buf_size: int = 8192) -> None: ...
+    def __new__(cls, queue_depth: int = 1024, n_bufs: int = 512, buf_size: int = 8192) -> Self: ...
     @property
     def queue_depth(self) -> int: ...
     @property
@@ -79,7 +94,7 @@ class HotpathRing:
     def unhealthy_reason(self) -> str | None: ...
     @property
     def closed(self) -> bool: ...
-    def force_unhealthy(self, reason: str = "forced by force_unhealthy()") -> None: ...
+    def force_unhealthy(self, reason: str | None = None) -> None: ...
     def submit_accept_multishot(self, listen_fd: _FdLike) -> None: ...
     def submit_recv_multishot(self, fd: _FdLike) -> None: ...
     def submit_send(self, fd: _FdLike, data: Buffer | Sequence[Buffer]) -> None: ...
