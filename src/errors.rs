@@ -113,10 +113,31 @@ pub fn errno_name(errno: i32) -> &'static str {
     }
 }
 
+/// "ENOMEM (Cannot allocate memory)": the name to search for, then the words.
 fn describe(err: &io::Error) -> String {
     match err.raw_os_error() {
-        Some(errno) => format!("{} ({})", errno_name(errno), err),
+        Some(errno) => {
+            let text = err.to_string();
+            let words = text.split(" (os error").next().unwrap_or(&text);
+            format!("{} ({words})", errno_name(errno))
+        }
         None => err.to_string(),
+    }
+}
+
+/// What an errno from ring setup most likely means, for the user who has to fix it.
+fn setup_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::ENOMEM) => {
+            "; ring memory is charged to RLIMIT_MEMLOCK: raise `ulimit -l`, \
+             grant CAP_IPC_LOCK, or use smaller sizes"
+        }
+        Some(libc::EPERM) => {
+            "; blocked by a seccomp profile (such as Docker's default) or \
+             kernel.io_uring_disabled"
+        }
+        Some(libc::ENOSYS) => "; this kernel has no io_uring, or a seccomp profile hides it",
+        _ => "",
     }
 }
 
@@ -142,7 +163,14 @@ impl RingError {
 impl fmt::Display for RingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RingError::Setup { what, source } => write!(f, "{what} failed: {}", describe(source)),
+            RingError::Setup { what, source } => {
+                write!(
+                    f,
+                    "{what} failed: {}{}",
+                    describe(source),
+                    setup_hint(source)
+                )
+            }
             RingError::Enter(source) => write!(f, "io_uring_enter failed: {}", describe(source)),
             RingError::Op { what, errno } => write!(
                 f,
@@ -211,6 +239,13 @@ mod tests {
         };
         assert_eq!(err.errno(), libc::EPERM);
         assert!(err.to_string().starts_with("io_uring_setup failed: EPERM"));
+        assert!(err.to_string().contains("seccomp"));
+        let nomem = RingError::Setup {
+            what: "io_uring_setup",
+            source: io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        assert!(nomem.to_string().contains("RLIMIT_MEMLOCK"));
+        assert!(!nomem.to_string().contains("os error"));
         assert!(std::error::Error::source(&err).is_some());
     }
 

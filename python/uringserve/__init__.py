@@ -1,0 +1,84 @@
+"""uringserve: a Python HTTP server whose I/O runs on Linux io_uring, with an epoll fallback."""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from .policy import (
+    Capabilities,
+    Unsupported,
+    capabilities,
+    hotpath_supported,
+    resolve_policy,
+    supported,
+)
+
+try:
+    __version__: str = _metadata.version("uringserve")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "Capabilities",
+    "Unsupported",
+    "__version__",
+    "capabilities",
+    "hotpath_supported",
+    "resolve_policy",
+    "supported",
+]
+
+# Names served by the native core; kept in step with the import below and its __all__ entries.
+_NATIVE_NAMES = (
+    "Completion",
+    "ForkedRingError",
+    "HotpathRing",
+    "InvalidBufferError",
+    "Ring",
+    "RingClosedError",
+    "RingSetupError",
+    "RingUnhealthyError",
+    "UringError",
+    "WrongThreadError",
+)
+
+try:
+    from ._uringserve import (
+        Completion,
+        ForkedRingError,
+        HotpathRing,
+        InvalidBufferError,
+        Ring,
+        RingClosedError,
+        RingSetupError,
+        RingUnhealthyError,
+        UringError,
+        WrongThreadError,
+    )
+except ImportError as _exc:
+    # The package must stay importable without its native core: the policy layer reports why
+    # (capabilities().native_error) and the epoll fallback does not need it.
+    _native_import_error: str | None = f"{type(_exc).__name__}: {_exc}"
+
+    def __getattr__(name: str) -> object:
+        if name in _NATIVE_NAMES:
+            raise ImportError(
+                f"uringserve.{name} needs the native module uringserve._uringserve, "
+                f"which failed to import ({_native_import_error}); "
+                "run `python -m uringserve` for a full report"
+            )
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:
+    _native_import_error = None
+    __all__ += [
+        "Completion",
+        "ForkedRingError",
+        "HotpathRing",
+        "InvalidBufferError",
+        "Ring",
+        "RingClosedError",
+        "RingSetupError",
+        "RingUnhealthyError",
+        "UringError",
+        "WrongThreadError",
+    ]
