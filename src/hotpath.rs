@@ -7,8 +7,12 @@ use std::time::{Duration, Instant};
 
 use crate::bufring::{BufRing, MAX_BUFS};
 use crate::errors::{errno_name, RingError, RingResult};
+use io_uring::types::Timespec;
+
 use crate::uring::{close_fd, Cqe, Uring, MAX_ENTRIES};
 
+/// How long a multishot accept that ended on EMFILE/ENFILE waits before it is re-armed.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// user_data of cancel requests: their own CQEs carry nothing we need.
 const UD_INTERNAL: u64 = u64::MAX;
 pub const MIN_BUF_SIZE: u32 = 64;
@@ -17,6 +21,8 @@ pub const MAX_BUF_SIZE: u32 = 16 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
     Accept,
+    /// A pause before re-arming an accept that ended on resource exhaustion (EMFILE...).
+    AcceptRetry,
     Recv,
     Send,
 }
@@ -24,7 +30,7 @@ pub enum OpKind {
 impl OpKind {
     pub fn name(self) -> &'static str {
         match self {
-            OpKind::Accept => "accept",
+            OpKind::Accept | OpKind::AcceptRetry => "accept",
             OpKind::Recv => "recv",
             OpKind::Send => "send",
         }
@@ -61,6 +67,10 @@ struct Op {
     fd: i32,
     generation: u32,
     send: Option<SendJob>,
+    /// The pause of an AcceptRetry; the kernel reads it until the timeout's CQE. Held for
+    /// that lifetime only, never read by us.
+    #[allow(dead_code)]
+    timer: Option<Box<Timespec>>,
 }
 
 /// What is armed on one fd, tagged with a generation so that CQEs for an earlier file that had
@@ -260,6 +270,7 @@ impl Hotpath {
             fd,
             generation,
             send: None,
+            timer: None,
         });
         self.state(fd).accept_slot = Some(slot);
         let res = self.uring.push_accept_multishot(fd, slot as u64);
@@ -273,6 +284,7 @@ impl Hotpath {
             fd,
             generation,
             send: None,
+            timer: None,
         });
         let state = self.state(fd);
         state.recv_slot = Some(slot);
@@ -318,6 +330,7 @@ impl Hotpath {
             fd,
             generation,
             send: Some(job),
+            timer: None,
         });
         if let Some(state) = self.current(fd, generation) {
             state.send_slot = Some(slot);
@@ -423,6 +436,13 @@ impl Hotpath {
             let res = self.uring.push_cancel_fd(fd, UD_INTERNAL);
             self.pushed(res)?;
         }
+        if let Some(slot) = state.accept_slot {
+            if matches!(&self.ops[slot as usize], Some(op) if op.kind == OpKind::AcceptRetry) {
+                // A pause timer is not bound to the fd: cancel it by its user_data.
+                let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
+                self.pushed(res)?;
+            }
+        }
         Ok(CancelTicket {
             fd,
             generation: state.generation,
@@ -520,6 +540,7 @@ impl Hotpath {
                     fd: op.fd,
                     generation: op.generation,
                     send: None,
+                    timer: None,
                 },
                 None => return Ok(()),
             }
@@ -532,6 +553,7 @@ impl Hotpath {
         let stale = self.current(op.fd, op.generation).is_none();
         match op.kind {
             OpKind::Accept => self.on_accept(op, slot, cqe, stale),
+            OpKind::AcceptRetry => self.on_accept_retry(op, slot, stale),
             OpKind::Recv => self.on_recv(op, slot, cqe, stale),
             OpKind::Send => self.on_send(op, cqe, stale),
         }
@@ -575,9 +597,52 @@ impl Hotpath {
         }
         if rearm {
             self.counters.accept_rearms += 1;
-            self.arm_accept(op.fd)?;
+            if matches!(
+                -cqe.result,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            ) {
+                // Re-arming at once would fail at once: a busy loop until an fd frees up.
+                self.arm_accept_retry(op.fd)?;
+            } else {
+                self.arm_accept(op.fd)?;
+            }
         }
         Ok(())
+    }
+
+    fn arm_accept_retry(&mut self, fd: i32) -> RingResult<()> {
+        let generation = self.state(fd).generation;
+        let timer = Box::new(Timespec::from(ACCEPT_RETRY_PAUSE));
+        let ts: *const Timespec = &*timer;
+        let slot = self.new_slot(Op {
+            kind: OpKind::AcceptRetry,
+            fd,
+            generation,
+            send: None,
+            timer: Some(timer),
+        });
+        self.state(fd).accept_slot = Some(slot);
+        // SAFETY: the Timespec is boxed inside this op's slot, which is freed only on the
+        // timeout's CQE (or leaked by close() when that CQE cannot be confirmed).
+        let res = unsafe { self.uring.push_timeout(ts, slot as u64) };
+        self.pushed(res)
+    }
+
+    fn on_accept_retry(&mut self, op: Op, slot: u32, stale: bool) -> RingResult<()> {
+        if stale {
+            return Ok(());
+        }
+        let Some(state) = self.current(op.fd, op.generation) else {
+            return Ok(());
+        };
+        if state.accept_slot != Some(slot) {
+            return Ok(());
+        }
+        state.accept_slot = None;
+        if self.unhealthy.is_some() {
+            return Ok(());
+        }
+        self.arm_accept(op.fd)
     }
 
     fn on_recv(&mut self, op: Op, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {

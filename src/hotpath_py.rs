@@ -4,8 +4,9 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView, PyTuple};
 
 use crate::errors::{RingError, RingResult};
 use crate::hotpath::{Completion as Done, Hotpath};
@@ -112,35 +113,44 @@ fn wait_loop(
     }
 }
 
-/// Copies bytes, a buffer-protocol object, or a list/tuple of them into one owned Vec.
-fn send_bytes(data: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    if let Ok(b) = data.cast::<PyBytes>() {
+/// Copies one buffer-protocol object (bytes, bytearray, memoryview...) out of Python.
+fn buffer_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
         return Ok(b.as_bytes().to_vec());
     }
-    let py = data.py();
-    // bytes(x) takes any buffer-protocol object; the limited API has no direct buffer access.
-    let as_bytes = |obj: &Bound<'_, PyAny>| -> PyResult<Vec<u8>> {
-        let b = py.get_type::<PyBytes>().call1((obj,))?;
-        Ok(b.cast::<PyBytes>()?.as_bytes().to_vec())
-    };
-    if data.is_instance_of::<PyList>() || data.is_instance_of::<pyo3::types::PyTuple>() {
+    // memoryview() accepts exactly the buffer-protocol objects, so ints, str and iterables of
+    // ints are refused here instead of being turned into bytes by bytes(); the limited API
+    // has no direct buffer access, so bytes(view) makes the copy.
+    let view = PyMemoryView::from(obj).map_err(|_| not_a_buffer(obj))?;
+    let copied = obj.py().get_type::<PyBytes>().call1((view,))?;
+    Ok(copied.cast::<PyBytes>()?.as_bytes().to_vec())
+}
+
+fn not_a_buffer(obj: &Bound<'_, PyAny>) -> PyErr {
+    let kind = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    PyTypeError::new_err(format!(
+        "data must be bytes, a buffer such as memoryview, or a list of them, not {kind}"
+    ))
+}
+
+/// bytes, a buffer, or a list/tuple of them, copied into one owned Vec.
+fn send_bytes(data: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if data.is_instance_of::<PyList>() || data.is_instance_of::<PyTuple>() {
         let mut out = Vec::new();
         for item in data.try_iter()? {
             let item = item?;
             match item.cast::<PyBytes>() {
                 Ok(b) => out.extend_from_slice(b.as_bytes()),
-                Err(_) => out.extend(as_bytes(&item)?),
+                Err(_) => out.extend(buffer_bytes(&item)?),
             }
         }
         return Ok(out);
     }
-    if data.is_instance_of::<pyo3::types::PyString>() || data.is_instance_of::<pyo3::types::PyInt>()
-    {
-        return Err(pyo3::exceptions::PyTypeError::new_err(
-            "data must be bytes, a buffer such as memoryview, or a list of them",
-        ));
-    }
-    as_bytes(data)
+    buffer_bytes(data)
 }
 
 impl HotpathRing {
@@ -389,11 +399,7 @@ impl HotpathRing {
     }
 
     #[pyo3(signature = (*_exc_info))]
-    fn __exit__(
-        &self,
-        py: Python<'_>,
-        _exc_info: &Bound<'_, pyo3::types::PyTuple>,
-    ) -> PyResult<()> {
+    fn __exit__(&self, py: Python<'_>, _exc_info: &Bound<'_, PyTuple>) -> PyResult<()> {
         self.close(py)
     }
 

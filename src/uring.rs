@@ -224,6 +224,16 @@ impl Uring {
         unsafe { self.push(&entry) }
     }
 
+    /// Pushes a timeout that completes with -ETIME after `*ts`.
+    ///
+    /// # Safety
+    /// `ts` must stay valid until the timeout's CQE is reaped.
+    pub unsafe fn push_timeout(&mut self, ts: *const Timespec, user_data: u64) -> io::Result<()> {
+        let entry = opcode::Timeout::new(ts).build().user_data(user_data);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.push(&entry) }
+    }
+
     pub fn push_cancel_fd(&mut self, fd: i32, user_data: u64) -> io::Result<()> {
         let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
             .build()
