@@ -4,12 +4,15 @@ pub mod bufring;
 pub mod errors;
 pub mod hotpath;
 mod hotpath_py;
+pub mod http;
 mod owner;
 pub mod probe;
 mod probe_py;
+mod protocol;
 mod pyargs;
 mod ring;
 pub mod uring;
+pub mod wsgi;
 
 use pyo3::prelude::*;
 
@@ -23,6 +26,8 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ring::Ring>()?;
     m.add_class::<hotpath_py::HotpathRing>()?;
     m.add_class::<hotpath_py::Completion>()?;
+    m.add_class::<protocol::PyWsgiApp>()?;
+    m.add_class::<protocol::HttpProtocol>()?;
     m.add_function(wrap_pyfunction!(probe_py::probe, m)?)?;
     m.add("UringError", py.get_type::<errors::UringError>())?;
     m.add("RingSetupError", py.get_type::<errors::RingSetupError>())?;

@@ -656,7 +656,7 @@ def test_native_names_are_exported_or_explained() -> None:
 
 def test_cli_main_prints_the_report(force: Any, capsys: pytest.CaptureFixture[str]) -> None:
     force(BASIC)
-    assert cli_main([]) == 0
+    assert cli_main(["--capabilities"]) == 0
     out = capsys.readouterr().out
     assert BASIC.report() in out
     assert "supported() = True" in out
@@ -665,7 +665,7 @@ def test_cli_main_prints_the_report(force: Any, capsys: pytest.CaptureFixture[st
 
 def test_python_dash_m_uringserve() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "uringserve"],
+        [sys.executable, "-m", "uringserve", "--capabilities"],
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT,

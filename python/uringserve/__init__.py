@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from .config import Config
 from .policy import (
     Capabilities,
     Unsupported,
@@ -20,6 +21,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 __all__ = [
     "Capabilities",
+    "Config",
+    "Server",
     "Unsupported",
     "__version__",
     "capabilities",
@@ -82,3 +85,5 @@ else:
         "UringError",
         "WrongThreadError",
     ]
+
+from .server import Server  # noqa: E402  (needs the names above when imported)

@@ -1,5 +1,7 @@
-"""``python -m uringserve``: delegates to :func:`uringserve.cli.main`."""
+"""python -m uringserve: the CLI."""
 
-from uringserve.cli import main
+import sys
 
-raise SystemExit(main())
+from .cli import main
+
+sys.exit(main())

@@ -1,6 +1,6 @@
 """Type stubs for the native io_uring core (written by hand; checked by stubtest)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Protocol, final
 
 from typing_extensions import Buffer, Self
@@ -10,6 +10,7 @@ __all__ = [
     "Completion",
     "ForkedRingError",
     "HotpathRing",
+    "HttpProtocol",
     "InvalidBufferError",
     "Ring",
     "RingClosedError",
@@ -17,6 +18,7 @@ __all__ = [
     "RingUnhealthyError",
     "UringError",
     "WrongThreadError",
+    "WsgiApp",
     "probe",
 ]
 
@@ -109,3 +111,32 @@ class HotpathRing:
     def close(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> None: ...
+
+@final
+class WsgiApp:
+    """A WSGI app with its server's settings, shared by every connection of one server."""
+
+    def __new__(
+        cls,
+        app: Callable[..., Iterable[bytes]],
+        server_name: str,
+        server_port: int,
+        *,
+        url_scheme: str = "http",
+        access_log: bool = True,
+        multiprocess: bool = False,
+        max_body_size: int = 1073741824,
+        max_request_line: int = 8192,
+        max_header_bytes: int = 65536,
+        max_headers: int = 100,
+    ) -> Self: ...
+
+@final
+class HttpProtocol:
+    """One connection: bytes from the peer in, response bytes out (the app runs inside)."""
+
+    def __new__(cls, app: WsgiApp, peer_host: str, peer_port: int) -> Self: ...
+    def feed(self, data: bytes) -> bytes: ...
+    def feed_eof(self) -> bytes: ...
+    @property
+    def closing(self) -> bool: ...

@@ -1,22 +1,125 @@
-"""Command line entry point of uringserve (for now: print the io_uring capability report)."""
+"""The command line: `uringserve [APP]` and `python -m uringserve [APP]`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import signal
+import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .policy import capabilities
+from .config import LOG_LEVELS, Config, options_from_env, parse_bind
+from .policy import Unsupported, capabilities
+
+
+def load_app(spec: str) -> Any:
+    """Imports `module:attribute` (the attribute may be dotted)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"APP must look like module:attribute, not {spec!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return obj
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="uringserve",
+        description="Serve a WSGI app over HTTP/1.1 on io_uring (or epoll where it is missing). "
+        "Every option can also be set as URINGSERVE_<OPTION>; the command line wins.",
+    )
+    p.add_argument("app", nargs="?", help="module:attribute of a WSGI app (default: a demo app)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default 8000)")
+    p.add_argument("--bind", metavar="HOST:PORT", help="host and port in one")
+    p.add_argument("--io-uring", choices=["off", "auto", "on"], help="io_uring policy")
+    p.add_argument("--backlog", type=int, help="listen backlog (default 1024)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="error log level (default info)")
+    p.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=None, help="access log"
+    )
+    p.add_argument("--max-body-size", type=int, help="largest request body in bytes")
+    p.add_argument(
+        "--capabilities", action="store_true", help="print the io_uring capability report and exit"
+    )
+    return p
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(name)s] %(levelname)s %(message)s"))
+    for name in ("uringserve.error", "uringserve.access"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("uringserve.error").setLevel(level.upper())
+    logging.getLogger("uringserve.access").setLevel(logging.INFO)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    options = options_from_env()
+    cli = {
+        "host": args.host,
+        "port": args.port,
+        "io_uring": args.io_uring,
+        "backlog": args.backlog,
+        "log_level": args.log_level,
+        "access_log": args.access_log,
+        "max_body_size": args.max_body_size,
+    }
+    if args.bind:
+        cli.update(parse_bind(args.bind))
+    options.update({k: v for k, v in cli.items() if v is not None})
+    return Config().with_options(**options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the capability report and the two verdicts; return the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="uringserve",
-        description="Report what io_uring support this process has.",
-    )
-    parser.parse_args(argv)
-    caps = capabilities()
-    print(caps.report())
-    print(f"supported() = {caps.supported}")
-    print(f"hotpath_supported() = {caps.hotpath_supported}")
+    """Run the CLI; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.capabilities:
+        caps = capabilities()
+        print(caps.report())
+        print(f"supported() = {caps.supported}")
+        print(f"hotpath_supported() = {caps.hotpath_supported}")
+        return 0
+    try:
+        config = build_config(args)
+        app = load_app(args.app) if args.app else load_app("uringserve.demo:app")
+    except (ValueError, TypeError, ImportError, AttributeError) as exc:
+        parser.error(str(exc))
+    _configure_logging(config.log_level)
+    from .server import Server
+
+    try:
+        server = Server(app, config.host, config.port, config=config)
+    except Unsupported as exc:
+        logging.getLogger("uringserve.error").error("io_uring=on, but %s", exc)
+        return 1
+    except OSError as exc:
+        logging.getLogger("uringserve.error").error(
+            "cannot bind %s:%s: %s", config.host, config.port, exc
+        )
+        return 1
+
+    def stop(signum: int, frame: object) -> None:
+        server.shutdown(wait=False)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    with server:
+        server.serve_forever()
     return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

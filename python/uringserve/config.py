@@ -1,0 +1,99 @@
+"""Config: every server option in one object, built from arguments, env vars and the CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+ENV_PREFIX = "URINGSERVE_"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of one server. The CLI, env vars and Server(...) keywords all land here."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    io_uring: str | bool | None = None
+    backlog: int = 1024
+    log_level: str = "info"
+    access_log: bool = True
+    max_body_size: int = 1 << 30
+    max_request_line: int = 8 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    queue_depth: int = 1024
+    n_bufs: int = 512
+    buf_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, not {self.port}")
+        if self.backlog < 1:
+            raise ValueError(f"backlog must be at least 1, not {self.backlog}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        for name in ("max_body_size", "max_request_line", "max_header_bytes", "max_headers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    def with_options(self, **options: Any) -> Config:
+        """A copy with the given options set; None values leave the default in place."""
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+
+def _coerce(name: str, kind: type, text: str) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected an integer") from None
+    return text
+
+
+_KINDS: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "backlog": int,
+    "log_level": str,
+    "access_log": bool,
+    "max_body_size": int,
+    "max_request_line": int,
+    "max_header_bytes": int,
+    "max_headers": int,
+    "queue_depth": int,
+    "n_bufs": int,
+    "buf_size": int,
+}
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Options set through URINGSERVE_* env vars (URINGSERVE_IO_URING is read by the policy)."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, Any] = {}
+    for field in fields(Config):
+        key = ENV_PREFIX + field.name.upper()
+        if field.name in _KINDS and environ.get(key, "") != "":
+            found[field.name] = _coerce(field.name, _KINDS[field.name], environ[key])
+    if environ.get(ENV_PREFIX + "BIND"):
+        found.update(parse_bind(environ[ENV_PREFIX + "BIND"]))
+    return found
+
+
+def parse_bind(text: str) -> dict[str, Any]:
+    """HOST:PORT, [IPv6]:PORT, or :PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"bind address must look like HOST:PORT, not {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return {"host": host, "port": int(port)}

@@ -1,0 +1,149 @@
+"""Server: binds, picks the backend from the io_uring policy, and serves a WSGI app."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .config import Config
+from .policy import capabilities, resolve_policy
+
+WsgiCallable = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+error_log = logging.getLogger("uringserve.error")
+
+
+def _bind(config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        sock.listen(config.backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _why_io_uring() -> str:
+    caps = capabilities()
+    kernel = ".".join(str(p) for p in caps.kernel[:2])
+    return f"kernel {kernel}: multishot accept, multishot recv, provided buffers"
+
+
+class Server:
+    """An HTTP/1.1 server for one WSGI app, on io_uring where the policy allows, else epoll."""
+
+    def __init__(
+        self,
+        app: WsgiCallable,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        io_uring: str | bool | None = None,
+        sock: socket.socket | None = None,
+        backlog: int = 1024,
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        base = config or Config()
+        self.config = base.with_options(host=host, port=port, backlog=backlog, **options)
+        if io_uring is not None:
+            self.config = self.config.with_options(io_uring=io_uring)
+        self.app = app
+        # Decided before binding, so `on` on a host without io_uring fails before any side effect.
+        self._use_uring = resolve_policy(self.config.io_uring)
+        self._owns_socket = sock is None
+        self.socket = sock if sock is not None else _bind(self.config)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._serving_thread: int | None = None
+
+    @property
+    def backend(self) -> str:
+        return "io_uring" if self._use_uring else "epoll"
+
+    @property
+    def server_address(self) -> tuple[Any, ...]:
+        return tuple(self.socket.getsockname())
+
+    def startup_line(self) -> str:
+        from . import __version__
+
+        host, port = self.server_address[:2]
+        shown = f"[{host}]" if ":" in str(host) else host
+        if self._use_uring:
+            why = _why_io_uring()
+        elif self.config.io_uring in ("off", False):
+            why = "io_uring off by policy"
+        else:
+            reason = capabilities().hotpath_reason or capabilities().reason
+            why = f"io_uring unavailable: {reason}"
+        return f"uringserve {__version__} serving http://{shown}:{port} on {self.backend} ({why})"
+
+    def _wsgi_app(self) -> Any:
+        from ._uringserve import WsgiApp
+
+        host, port = self.server_address[:2]
+        c = self.config
+        return WsgiApp(
+            self.app,
+            str(host),
+            int(port),
+            access_log=c.access_log,
+            max_body_size=c.max_body_size,
+            max_request_line=c.max_request_line,
+            max_header_bytes=c.max_header_bytes,
+            max_headers=c.max_headers,
+        )
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until shutdown(); rings are created here, on this thread."""
+        self._stop.clear()
+        self._stopped.clear()
+        self._serving_thread = threading.get_ident()
+        try:
+            app = self._wsgi_app()
+            error_log.info(self.startup_line())
+            if self._use_uring:
+                from ._uringserve import HotpathRing
+                from .uring_loop import serve_uring
+
+                c = self.config
+                with HotpathRing(c.queue_depth, c.n_bufs, c.buf_size) as ring:
+                    serve_uring(self.socket, app, self._wake_r, self._stop.is_set, ring)
+            else:
+                from .fallback import serve_epoll
+
+                serve_epoll(self.socket, app, self._wake_r, self._stop.is_set)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop serve_forever(); callable from another thread or a signal handler."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the server is closed
+        if wait and threading.get_ident() != self._serving_thread:
+            self._stopped.wait()
+
+    def close(self) -> None:
+        if self._owns_socket:
+            self.socket.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

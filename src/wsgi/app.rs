@@ -1,0 +1,215 @@
+//! Calling the WSGI app for one request and framing what it returns through the HTTP core.
+
+use std::sync::{Arc, Mutex};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::http::{Connection, Request};
+
+use super::environ::{build, template, ServerInfo};
+use super::input::InputStream;
+use super::start_response::{lock, Reply, SharedReply, StartResponse};
+
+/// One app with what every request of it shares.
+pub struct WsgiApp {
+    pub app: Py<PyAny>,
+    pub template: Py<PyDict>,
+    /// logging.Logger "uringserve.error", for app failures.
+    pub error_log: Py<PyAny>,
+    /// logging.Logger "uringserve.access" when access logging is on.
+    pub access_log: Option<Py<PyAny>>,
+}
+
+impl WsgiApp {
+    pub fn new(
+        py: Python<'_>,
+        app: Py<PyAny>,
+        info: &ServerInfo,
+        access_log: bool,
+    ) -> PyResult<Self> {
+        let logging = py.import("logging")?;
+        let error_log = logging
+            .call_method1("getLogger", ("uringserve.error",))?
+            .unbind();
+        let access_log = if access_log {
+            Some(
+                logging
+                    .call_method1("getLogger", ("uringserve.access",))?
+                    .unbind(),
+            )
+        } else {
+            None
+        };
+        Ok(WsgiApp {
+            app,
+            template: template(py, info)?.unbind(),
+            error_log,
+            access_log,
+        })
+    }
+
+    fn log_app_error(&self, py: Python<'_>, err: &PyErr, what: &str) {
+        let kwargs = PyDict::new(py);
+        let logged = kwargs
+            .set_item("exc_info", err.clone_ref(py).into_value(py))
+            .and_then(|_| {
+                self.error_log
+                    .call_method(py, "error", (what.to_owned(),), Some(&kwargs))
+            });
+        if logged.is_err() {
+            err.clone_ref(py).print(py);
+        }
+    }
+
+    /// Runs the app for one complete request and appends the framed response to `out`.
+    /// Failures before the head went out become a 500; after it, the connection is closed.
+    pub fn respond(
+        &self,
+        py: Python<'_>,
+        conn: &mut Connection,
+        req: &Request,
+        body: Vec<u8>,
+        peer: &(String, u16),
+        out: &mut Vec<u8>,
+    ) {
+        let start = out.len();
+        let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
+        let result = self.run(py, conn, req, body, peer, &reply, out);
+        let status = match result {
+            Ok(()) => lock(&reply).status.clone().unwrap_or_default(),
+            Err(err) => {
+                self.log_app_error(
+                    py,
+                    &err,
+                    &format!("error in WSGI app for {} {}", req.method, req.target),
+                );
+                if lock(&reply).head_sent {
+                    // The head is out: the only honest signal left is to cut the connection.
+                    conn.send_error(500, out);
+                    "500".to_owned()
+                } else {
+                    out.truncate(start);
+                    conn.send_error(500, out);
+                    "500 Internal Server Error".to_owned()
+                }
+            }
+        };
+        if let Some(access) = &self.access_log {
+            let size = out.len() - start;
+            let line = format!(
+                "{} - \"{} {} {}\" {} {}",
+                peer.0,
+                req.method,
+                req.target,
+                req.version.as_str(),
+                status.split(' ').next().unwrap_or(""),
+                size
+            );
+            let _ = access.call_method1(py, "info", (line,));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        py: Python<'_>,
+        conn: &mut Connection,
+        req: &Request,
+        body: Vec<u8>,
+        peer: &(String, u16),
+        reply: &SharedReply,
+        out: &mut Vec<u8>,
+    ) -> PyResult<()> {
+        let input = Bound::new(py, InputStream::new(body))?.into_any();
+        let environ = build(py, self.template.bind(py), req, peer, input)?;
+        let start_response = Bound::new(py, StartResponse::new(reply.clone()))?;
+        let iterable = self.app.bind(py).call1((environ, start_response))?;
+        let outcome = self.drain(py, conn, &iterable, reply, out);
+        // PEP 3333: close() is called whatever happened while iterating.
+        let closed = match iterable.hasattr("close") {
+            Ok(true) => iterable.call_method0("close").map(drop),
+            _ => Ok(()),
+        };
+        outcome.and(closed)
+    }
+
+    fn drain(
+        &self,
+        py: Python<'_>,
+        conn: &mut Connection,
+        iterable: &Bound<'_, PyAny>,
+        reply: &SharedReply,
+        out: &mut Vec<u8>,
+    ) -> PyResult<()> {
+        // A one-element list or tuple has a known length: frame it with Content-Length.
+        let single = if let Ok(list) = iterable.cast::<PyList>() {
+            (list.len() == 1).then(|| list.get_item(0)).transpose()?
+        } else if let Ok(tuple) = iterable.cast::<PyTuple>() {
+            (tuple.len() == 1).then(|| tuple.get_item(0)).transpose()?
+        } else {
+            None
+        };
+        let hint = single
+            .as_ref()
+            .and_then(|item| item.cast::<PyBytes>().ok())
+            .map(|b| b.as_bytes().len() as u64);
+        for item in iterable.try_iter()? {
+            let item = item?;
+            let chunk = item.cast::<PyBytes>().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "the WSGI app yielded {}, not bytes",
+                    item.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+            let chunk = chunk.as_bytes();
+            if chunk.is_empty() {
+                continue;
+            }
+            self.ensure_head(conn, reply, hint, out)?;
+            conn.write_body(chunk, out);
+        }
+        let _ = py;
+        self.ensure_head(conn, reply, hint.or(Some(0)), out)?;
+        conn.finish_response(out);
+        Ok(())
+    }
+
+    /// Writes the head once: when the first body bytes are ready, or at the end.
+    fn ensure_head(
+        &self,
+        conn: &mut Connection,
+        reply: &SharedReply,
+        hint: Option<u64>,
+        out: &mut Vec<u8>,
+    ) -> PyResult<()> {
+        let mut r = lock(reply);
+        if r.head_sent {
+            if !r.written.is_empty() {
+                let written = std::mem::take(&mut r.written);
+                conn.write_body(&written, out);
+            }
+            return Ok(());
+        }
+        let Some(status) = r.status.clone() else {
+            return Err(pyo3::exceptions::PyAssertionError::new_err(
+                "the WSGI app returned without calling start_response()",
+            ));
+        };
+        // Bytes passed to write() come first and make the length unknown up front.
+        let hint = if r.written.is_empty() { hint } else { None };
+        conn.start_response(&status, &r.headers, hint, out)
+            .map_err(|e| {
+                pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}"))
+            })?;
+        r.head_sent = true;
+        if !r.written.is_empty() {
+            let written = std::mem::take(&mut r.written);
+            conn.write_body(&written, out);
+        }
+        Ok(())
+    }
+}

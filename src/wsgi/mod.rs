@@ -1,0 +1,6 @@
+//! The WSGI bridge: the one place on the request path that touches Python objects.
+
+pub mod app;
+pub mod environ;
+pub mod input;
+pub mod start_response;
