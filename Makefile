@@ -1,4 +1,4 @@
-# uringserve: `make run` serves (for now: prints the capability report), `make test` runs everything.
+# uringserve: `make run` serves the demo app, `make test` runs everything.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ CARGO_ENV = PYO3_PYTHON=$(abspath $(PY)) LD_LIBRARY_PATH=$(PYLIBDIR)$${LD_LIBRAR
 TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions
 NATIVE_SRC = $(wildcard src/*.rs src/**/*.rs) Cargo.toml pyproject.toml
 
-.PHONY: help run test test-rust test-python develop lint clean
+.PHONY: help run capabilities test test-rust test-python develop lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -30,8 +30,12 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SRC)
 
 develop: $(VENV)/.built ## build the native module and install it into the venv
 
-run: develop ## print the io_uring capability report (the server comes with the next issue)
-	$(PY) -m uringserve
+run: develop ## print the io_uring capability report, then serve the demo app on :8000 (auto)
+	$(PY) -m uringserve --capabilities
+	$(PY) -m uringserve --port 8000 --io-uring auto
+
+capabilities: develop ## print the io_uring capability report only
+	$(PY) -m uringserve --capabilities
 
 test-rust: $(VENV)/.deps ## cargo test
 	$(CARGO_ENV) cargo test --quiet

@@ -240,3 +240,45 @@ def test_tiny_memlock_as_non_root() -> None:
         message = made["message"]
         assert "enomem" in message.lower() or "memlock" in message.lower(), (key, made)
         assert made["is_uring_error"], (key, made)
+
+
+CLI_SCRIPT = r"""
+import json, subprocess, sys
+from seccomp_filter import SeccompUnavailable, install_io_uring_errno_filter
+
+code = int(sys.argv[1])
+try:
+    install_io_uring_errno_filter(code)
+except SeccompUnavailable as exc:
+    print(json.dumps({"skip": f"cannot install a seccomp filter here: {exc}"}))
+    raise SystemExit(0)
+
+# The filter is inherited by the CLI child, as it would be in a container.
+on = subprocess.run(
+    [sys.executable, "-m", "uringserve", "--io-uring", "on", "--port", "0"],
+    capture_output=True, text=True, timeout=30,
+)
+import uringserve
+from uringserve.demo import app
+
+with uringserve.Server(app, "127.0.0.1", 0, io_uring="auto", access_log=False) as server:
+    line = server.startup_line()
+    backend = server.backend
+print(json.dumps({"on_rc": on.returncode, "on_stderr": on.stderr, "auto_line": line,
+                  "auto_backend": backend, "reason": uringserve.capabilities().reason}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="seccomp is Linux-only")
+@pytest.mark.parametrize(("code", "name"), [(errno.EPERM, "EPERM"), (errno.ENOSYS, "ENOSYS")])
+def test_cli_and_server_under_blocked_io_uring(code: int, name: str) -> None:
+    out = run_child(CLI_SCRIPT, str(code))
+    # `on` refuses to start: exit 1, the reason, and no traceback.
+    assert out["on_rc"] == 1, out["on_stderr"]
+    assert "Traceback" not in out["on_stderr"]
+    assert out["reason"] in out["on_stderr"]
+    # `auto` serves through epoll, and its startup line says why.
+    assert out["auto_backend"] == "epoll"
+    assert " on epoll (io_uring unavailable: " in out["auto_line"]
+    assert out["reason"] in out["auto_line"]
+    assert name in out["reason"] or "io_uring" in out["reason"]
