@@ -339,6 +339,7 @@ impl Connection {
 
     /// Frames body bytes per the decided framing: chunk-encoded, counted against
     /// Content-Length (excess is dropped), or nothing at all for bodiless responses.
+    /// Ignored unless a response head has been written and not yet finished.
     pub fn write_body(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let Send::Body { framing, remaining } = &mut self.send else {
             return;

@@ -1,5 +1,7 @@
 //! Request heads: finding a head's end under the limits, then parsing and vetting it.
 
+use std::mem::MaybeUninit;
+
 use super::error::HttpError;
 use super::fields::{has_token, merge_content_length, trim_ows};
 use super::limits::Limits;
@@ -87,7 +89,7 @@ impl HeadScanner {
     /// `buf` starts at the request line and only ever grows between calls.
     /// Returns the head's length (final CRLF included) once it is complete.
     pub(crate) fn scan(&mut self, buf: &[u8], limits: &Limits) -> Result<Option<usize>, HttpError> {
-        while let Some(off) = buf[self.pos..].iter().position(|&b| b == b'\n') {
+        while let Some(off) = find_lf(&buf[self.pos..]) {
             let lf = self.pos + off;
             self.pos = lf + 1;
             if lf == self.line_start || buf[lf - 1] != b'\r' {
@@ -139,6 +141,26 @@ impl HeadScanner {
     }
 }
 
+/// The first LF in `hay`, eight bytes at a time: this scan touches every byte of every head.
+fn find_lf(hay: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const LFS: u64 = u64::from_ne_bytes([b'\n'; 8]);
+    let mut words = hay.chunks_exact(8);
+    let mut base = 0;
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or([0xff; 8])) ^ LFS;
+        // Classic has-zero-byte test; its lowest set bit marks the first zero byte exactly.
+        let zero = w.wrapping_sub(ONES) & !w & HIGHS;
+        if zero != 0 {
+            return Some(base + zero.trailing_zeros() as usize / 8);
+        }
+        base += 8;
+    }
+    let tail = words.remainder();
+    tail.iter().position(|&b| b == b'\n').map(|p| base + p)
+}
+
 /// Header slots kept on the stack; typical requests carry far fewer field lines.
 const INLINE_HEADERS: usize = 32;
 
@@ -148,16 +170,18 @@ pub(crate) fn parse_head(
     header_lines: usize,
     limits: &Limits,
 ) -> Result<Request, HttpError> {
-    let mut inline = [httparse::EMPTY_HEADER; INLINE_HEADERS];
-    let mut spilled;
-    let slots: &mut [httparse::Header<'_>] = if header_lines <= INLINE_HEADERS {
+    // Uninitialised slots: httparse only exposes the ones it filled, so zeroing the whole
+    // array for every request would be wasted work.
+    let mut inline = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; INLINE_HEADERS];
+    let mut spilled = Vec::new();
+    let slots = if header_lines <= INLINE_HEADERS {
         &mut inline[..header_lines]
     } else {
-        spilled = vec![httparse::EMPTY_HEADER; header_lines];
-        &mut spilled
+        spilled.reserve_exact(header_lines);
+        &mut spilled.spare_capacity_mut()[..header_lines]
     };
-    let mut parsed = httparse::Request::new(slots);
-    match parsed.parse(head) {
+    let mut parsed = httparse::Request::new(&mut []);
+    match parsed.parse_with_uninit_headers(head, slots) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         Ok(_) => return Err(HttpError::bad_request("malformed request head")),
         Err(e) => return Err(HttpError::bad_request(describe(e))),
@@ -249,5 +273,32 @@ fn describe(e: httparse::Error) -> &'static str {
         httparse::Error::Version => "unsupported HTTP version",
         httparse::Error::TooManyHeaders => "too many header fields",
         httparse::Error::Token | httparse::Error::Status => "malformed request line",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_lf;
+
+    #[test]
+    fn find_lf_matches_a_plain_search() {
+        let mut hay = vec![b'a'; 40];
+        assert_eq!(find_lf(&hay), None);
+        for at in 0..hay.len() {
+            hay[at] = b'\n';
+            // Bytes that could fool a word-at-a-time search sit around the LF.
+            if at + 1 < hay.len() {
+                hay[at + 1] = 0x0b;
+            }
+            for start in 0..=at {
+                assert_eq!(
+                    find_lf(&hay[start..]),
+                    Some(at - start),
+                    "at {at} start {start}"
+                );
+            }
+            hay[at] = 0x8a;
+        }
+        assert_eq!(find_lf(&hay), None);
     }
 }
