@@ -5,10 +5,10 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::bufring::{BufRing, MAX_BUFS};
-use crate::errors::{errno_name, RingError, RingResult};
 use io_uring::types::Timespec;
 
+use crate::bufring::{BufRing, MAX_BUFS};
+use crate::errors::{errno_name, RingError, RingResult};
 use crate::uring::{close_fd, Cqe, Uring, MAX_ENTRIES};
 
 /// How long a multishot accept that ended on EMFILE/ENFILE waits before it is re-armed.
@@ -61,16 +61,19 @@ struct SendJob {
     sent: usize,
 }
 
-/// One armed operation. Its slot index is the SQE's user_data.
-struct Op {
+/// What an armed operation is and whose: enough to route each of its CQEs.
+#[derive(Debug, Clone, Copy)]
+struct OpTag {
     kind: OpKind,
     fd: i32,
     generation: u32,
+}
+
+/// One armed operation. Its slot index is the SQE's user_data.
+struct Op {
+    tag: OpTag,
+    /// A send's bytes, owned here until its final CQE.
     send: Option<SendJob>,
-    /// The pause of an AcceptRetry; the kernel reads it until the timeout's CQE. Held for
-    /// that lifetime only, never read by us.
-    #[allow(dead_code)]
-    timer: Option<Box<Timespec>>,
 }
 
 /// What is armed on one fd, tagged with a generation so that CQEs for an earlier file that had
@@ -110,6 +113,8 @@ pub struct Hotpath {
     scratch: Vec<Cqe>,
     pub counters: Counters,
     unhealthy: Option<String>,
+    /// The one pause every accept retry points its timeout SQE at.
+    accept_retry_pause: Box<Timespec>,
 }
 
 fn power_of_two_in(name: &str, value: u32, min: u32, max: u32) -> RingResult<()> {
@@ -152,6 +157,7 @@ impl Hotpath {
             scratch: Vec::new(),
             counters: Counters::default(),
             unhealthy: None,
+            accept_retry_pause: Box::new(Timespec::from(ACCEPT_RETRY_PAUSE)),
         })
     }
 
@@ -263,29 +269,28 @@ impl Hotpath {
 
     // ---- arming -------------------------------------------------------------------------
 
-    fn arm_accept(&mut self, fd: i32) -> RingResult<()> {
+    /// Takes a slot for a new op on `fd`'s current generation.
+    fn new_op(&mut self, kind: OpKind, fd: i32, send: Option<SendJob>) -> u32 {
         let generation = self.state(fd).generation;
-        let slot = self.new_slot(Op {
-            kind: OpKind::Accept,
-            fd,
-            generation,
-            send: None,
-            timer: None,
-        });
+        self.new_slot(Op {
+            tag: OpTag {
+                kind,
+                fd,
+                generation,
+            },
+            send,
+        })
+    }
+
+    fn arm_accept(&mut self, fd: i32) -> RingResult<()> {
+        let slot = self.new_op(OpKind::Accept, fd, None);
         self.state(fd).accept_slot = Some(slot);
         let res = self.uring.push_accept_multishot(fd, slot as u64);
         self.pushed(res)
     }
 
     fn arm_recv(&mut self, fd: i32) -> RingResult<()> {
-        let generation = self.state(fd).generation;
-        let slot = self.new_slot(Op {
-            kind: OpKind::Recv,
-            fd,
-            generation,
-            send: None,
-            timer: None,
-        });
+        let slot = self.new_op(OpKind::Recv, fd, None);
         let state = self.state(fd);
         state.recv_slot = Some(slot);
         state.recv_starved = false;
@@ -326,11 +331,12 @@ impl Hotpath {
         let remaining = job.data.len() - job.sent;
         let len = remaining.min(u32::MAX as usize) as u32;
         let slot = self.new_slot(Op {
-            kind: OpKind::Send,
-            fd,
-            generation,
+            tag: OpTag {
+                kind: OpKind::Send,
+                fd,
+                generation,
+            },
             send: Some(job),
-            timer: None,
         });
         if let Some(state) = self.current(fd, generation) {
             state.send_slot = Some(slot);
@@ -437,7 +443,7 @@ impl Hotpath {
             self.pushed(res)?;
         }
         if let Some(slot) = state.accept_slot {
-            if matches!(&self.ops[slot as usize], Some(op) if op.kind == OpKind::AcceptRetry) {
+            if matches!(&self.ops[slot as usize], Some(op) if op.tag.kind == OpKind::AcceptRetry) {
                 // A pause timer is not bound to the fd: cancel it by its user_data.
                 let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
                 self.pushed(res)?;
@@ -454,7 +460,7 @@ impl Hotpath {
     pub fn cancel_done(&self, ticket: &CancelTicket) -> bool {
         ticket.slots.iter().all(|&slot| {
             !matches!(self.ops.get(slot as usize), Some(Some(op))
-                if op.fd == ticket.fd && op.generation == ticket.generation)
+                if op.tag.fd == ticket.fd && op.tag.generation == ticket.generation)
         })
     }
 
@@ -533,20 +539,15 @@ impl Hotpath {
         }
         let slot = cqe.user_data as u32;
         let more = cqe.more();
-        let op = if more {
+        // A multishot CQE with F_MORE leaves its op armed; the final one frees the slot.
+        let (op, send) = if more {
             match self.ops.get(slot as usize).and_then(|o| o.as_ref()) {
-                Some(op) => Op {
-                    kind: op.kind,
-                    fd: op.fd,
-                    generation: op.generation,
-                    send: None,
-                    timer: None,
-                },
+                Some(op) => (op.tag, None),
                 None => return Ok(()),
             }
         } else {
             match self.free_slot(slot) {
-                Some(op) => op,
+                Some(op) => (op.tag, op.send),
                 None => return Ok(()),
             }
         };
@@ -555,11 +556,11 @@ impl Hotpath {
             OpKind::Accept => self.on_accept(op, slot, cqe, stale),
             OpKind::AcceptRetry => self.on_accept_retry(op, slot, stale),
             OpKind::Recv => self.on_recv(op, slot, cqe, stale),
-            OpKind::Send => self.on_send(op, cqe, stale),
+            OpKind::Send => self.on_send(op, send, cqe, stale),
         }
     }
 
-    fn on_accept(&mut self, op: Op, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {
+    fn on_accept(&mut self, op: OpTag, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {
         let more = cqe.more();
         if stale {
             self.counters.stale_dropped += 1;
@@ -611,24 +612,16 @@ impl Hotpath {
     }
 
     fn arm_accept_retry(&mut self, fd: i32) -> RingResult<()> {
-        let generation = self.state(fd).generation;
-        let timer = Box::new(Timespec::from(ACCEPT_RETRY_PAUSE));
-        let ts: *const Timespec = &*timer;
-        let slot = self.new_slot(Op {
-            kind: OpKind::AcceptRetry,
-            fd,
-            generation,
-            send: None,
-            timer: Some(timer),
-        });
+        let slot = self.new_op(OpKind::AcceptRetry, fd, None);
         self.state(fd).accept_slot = Some(slot);
-        // SAFETY: the Timespec is boxed inside this op's slot, which is freed only on the
-        // timeout's CQE (or leaked by close() when that CQE cannot be confirmed).
+        let ts: *const Timespec = &*self.accept_retry_pause;
+        // SAFETY: the kernel copies the timespec when it takes the SQE, and the box lives as
+        // long as this engine and its ring, so it outlasts any submission of this SQE.
         let res = unsafe { self.uring.push_timeout(ts, slot as u64) };
         self.pushed(res)
     }
 
-    fn on_accept_retry(&mut self, op: Op, slot: u32, stale: bool) -> RingResult<()> {
+    fn on_accept_retry(&mut self, op: OpTag, slot: u32, stale: bool) -> RingResult<()> {
         if stale {
             return Ok(());
         }
@@ -645,7 +638,7 @@ impl Hotpath {
         self.arm_accept(op.fd)
     }
 
-    fn on_recv(&mut self, op: Op, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {
+    fn on_recv(&mut self, op: OpTag, slot: u32, cqe: Cqe, stale: bool) -> RingResult<()> {
         let more = cqe.more();
         let bid = cqe.buffer_id();
         if let Some(bid) = bid {
@@ -712,8 +705,14 @@ impl Hotpath {
         Ok(())
     }
 
-    fn on_send(&mut self, op: Op, cqe: Cqe, stale: bool) -> RingResult<()> {
-        let Some(mut job) = op.send else {
+    fn on_send(
+        &mut self,
+        op: OpTag,
+        send: Option<SendJob>,
+        cqe: Cqe,
+        stale: bool,
+    ) -> RingResult<()> {
+        let Some(mut job) = send else {
             return Ok(());
         };
         if stale {

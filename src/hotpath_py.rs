@@ -113,17 +113,19 @@ fn wait_loop(
     }
 }
 
-/// Copies one buffer-protocol object (bytes, bytearray, memoryview...) out of Python.
-fn buffer_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+/// Appends one buffer-protocol object (bytes, bytearray, memoryview...) to `out`.
+fn append_buffer(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
     if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(b.as_bytes().to_vec());
+        out.extend_from_slice(b.as_bytes());
+        return Ok(());
     }
     // memoryview() accepts exactly the buffer-protocol objects, so ints, str and iterables of
     // ints are refused here instead of being turned into bytes by bytes(); the limited API
     // has no direct buffer access, so bytes(view) makes the copy.
     let view = PyMemoryView::from(obj).map_err(|_| not_a_buffer(obj))?;
     let copied = obj.py().get_type::<PyBytes>().call1((view,))?;
-    Ok(copied.cast::<PyBytes>()?.as_bytes().to_vec())
+    out.extend_from_slice(copied.cast::<PyBytes>()?.as_bytes());
+    Ok(())
 }
 
 fn not_a_buffer(obj: &Bound<'_, PyAny>) -> PyErr {
@@ -137,20 +139,17 @@ fn not_a_buffer(obj: &Bound<'_, PyAny>) -> PyErr {
     ))
 }
 
-/// bytes, a buffer, or a list/tuple of them, copied into one owned Vec.
+/// bytes, a buffer, or a list/tuple of them, copied once into one owned Vec.
 fn send_bytes(data: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    let mut out = Vec::new();
     if data.is_instance_of::<PyList>() || data.is_instance_of::<PyTuple>() {
-        let mut out = Vec::new();
         for item in data.try_iter()? {
-            let item = item?;
-            match item.cast::<PyBytes>() {
-                Ok(b) => out.extend_from_slice(b.as_bytes()),
-                Err(_) => out.extend(buffer_bytes(&item)?),
-            }
+            append_buffer(&item?, &mut out)?;
         }
-        return Ok(out);
+    } else {
+        append_buffer(data, &mut out)?;
     }
-    buffer_bytes(data)
+    Ok(out)
 }
 
 impl HotpathRing {

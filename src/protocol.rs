@@ -74,6 +74,8 @@ struct State {
     conn: Connection,
     pending: Option<Request>,
     body: Vec<u8>,
+    /// Response bytes of one feed; kept so each feed reuses the allocation.
+    out: Vec<u8>,
     closing: bool,
 }
 
@@ -89,8 +91,18 @@ impl HttpProtocol {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Turns buffered input into events, answering each complete request in order.
-    fn process(&self, py: Python<'_>, st: &mut State, out: &mut Vec<u8>) {
+    /// Turns buffered input into events, answering each complete request in order, and
+    /// returns the response bytes produced.
+    fn process<'py>(&self, py: Python<'py>, st: &mut State) -> Bound<'py, PyBytes> {
+        let mut out = std::mem::take(&mut st.out);
+        out.clear();
+        self.answer(py, st, &mut out);
+        let bytes = PyBytes::new(py, &out);
+        st.out = out;
+        bytes
+    }
+
+    fn answer(&self, py: Python<'_>, st: &mut State, out: &mut Vec<u8>) {
         let app = self.app.get();
         while !st.closing {
             match st.conn.next_event() {
@@ -140,6 +152,7 @@ impl HttpProtocol {
                 conn: Connection::new(limits),
                 pending: None,
                 body: Vec::new(),
+                out: Vec::new(),
                 closing: false,
             }),
         }
@@ -147,25 +160,24 @@ impl HttpProtocol {
 
     /// Feeds bytes from the peer; returns the bytes to send back (possibly empty).
     fn feed<'py>(&self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
-        let mut out = Vec::new();
         let mut st = self.state();
-        if !st.closing {
-            st.conn.receive(data);
-            self.process(py, &mut st, &mut out);
+        if st.closing {
+            return PyBytes::new(py, b"");
         }
-        PyBytes::new(py, &out)
+        st.conn.receive(data);
+        self.process(py, &mut st)
     }
 
     /// The peer closed its side; returns any last bytes to send.
     fn feed_eof<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let mut out = Vec::new();
         let mut st = self.state();
-        if !st.closing {
-            st.conn.receive_eof();
-            self.process(py, &mut st, &mut out);
+        if st.closing {
+            return PyBytes::new(py, b"");
         }
+        st.conn.receive_eof();
+        let bytes = self.process(py, &mut st);
         st.closing = true;
-        PyBytes::new(py, &out)
+        bytes
     }
 
     /// True once the connection must close after the bytes returned so far are sent.

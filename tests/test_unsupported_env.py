@@ -22,7 +22,8 @@ PACKAGE_ROOT = Path(uringserve.__file__).resolve().parent.parent
 NOBODY = 65534
 TINY_MEMLOCK = 16384
 
-SECCOMP_SCRIPT = r"""
+# Child scripts start here: the filter for the errno in argv[1], before uringserve is imported.
+INSTALL_FILTER = r"""
 import json, sys
 from seccomp_filter import SeccompUnavailable, install_io_uring_errno_filter
 
@@ -32,7 +33,11 @@ try:
 except SeccompUnavailable as exc:
     print(json.dumps({"skip": f"cannot install a seccomp filter here: {exc}"}))
     raise SystemExit(0)
+"""
 
+SECCOMP_SCRIPT = (
+    INSTALL_FILTER
+    + r"""
 import uringserve
 from uringserve import policy
 
@@ -79,6 +84,7 @@ if caps.native_loaded:
             out[name] = {"type": None}
 print(json.dumps(out))
 """
+)
 
 MEMLOCK_SCRIPT = r"""
 import json, os, resource, sys, traceback
@@ -242,16 +248,10 @@ def test_tiny_memlock_as_non_root() -> None:
         assert made["is_uring_error"], (key, made)
 
 
-CLI_SCRIPT = r"""
-import json, subprocess, sys
-from seccomp_filter import SeccompUnavailable, install_io_uring_errno_filter
-
-code = int(sys.argv[1])
-try:
-    install_io_uring_errno_filter(code)
-except SeccompUnavailable as exc:
-    print(json.dumps({"skip": f"cannot install a seccomp filter here: {exc}"}))
-    raise SystemExit(0)
+CLI_SCRIPT = (
+    INSTALL_FILTER
+    + r"""
+import subprocess
 
 # The filter is inherited by the CLI child, as it would be in a container.
 on = subprocess.run(
@@ -267,6 +267,7 @@ with uringserve.Server(app, "127.0.0.1", 0, io_uring="auto", access_log=False) a
 print(json.dumps({"on_rc": on.returncode, "on_stderr": on.stderr, "auto_line": line,
                   "auto_backend": backend, "reason": uringserve.capabilities().reason}))
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="seccomp is Linux-only")

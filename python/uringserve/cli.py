@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import LOG_LEVELS, Config, options_from_env, parse_bind
 from .policy import Unsupported, capabilities
+
+if TYPE_CHECKING:
+    from .server import Server
 
 
 def load_app(spec: str) -> Any:
@@ -81,6 +85,13 @@ def build_config(args: argparse.Namespace) -> Config:
     return Config().with_options(**options)
 
 
+def make_server(app: Any, config: Config) -> Server:
+    """A Server with every option of `config`, none reset to its default."""
+    from .server import Server
+
+    return Server(app, **dataclasses.asdict(config))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
@@ -97,10 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         parser.error(str(exc))
     _configure_logging(config.log_level)
-    from .server import Server
-
     try:
-        server = Server(app, config.host, config.port, config=config)
+        server = make_server(app, config)
     except Unsupported as exc:
         logging.getLogger("uringserve.error").error("io_uring=on, but %s", exc)
         return 1

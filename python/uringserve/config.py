@@ -61,20 +61,9 @@ def _coerce(name: str, kind: type, text: str) -> Any:
     return text
 
 
-_KINDS: dict[str, type] = {
-    "host": str,
-    "port": int,
-    "backlog": int,
-    "log_level": str,
-    "access_log": bool,
-    "max_body_size": int,
-    "max_request_line": int,
-    "max_header_bytes": int,
-    "max_headers": int,
-    "queue_depth": int,
-    "n_bufs": int,
-    "buf_size": int,
-}
+# Env vars carry text; each option's annotation says what to turn it into. Options of other
+# types (io_uring, read by the policy itself) have no env var of their own here.
+_PARSERS: dict[str, type] = {"int": int, "str": str, "bool": bool}
 
 
 def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -83,8 +72,9 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     found: dict[str, Any] = {}
     for field in fields(Config):
         key = ENV_PREFIX + field.name.upper()
-        if field.name in _KINDS and environ.get(key, "") != "":
-            found[field.name] = _coerce(field.name, _KINDS[field.name], environ[key])
+        kind = _PARSERS.get(str(field.type))
+        if kind is not None and environ.get(key, "") != "":
+            found[field.name] = _coerce(field.name, kind, environ[key])
     if environ.get(ENV_PREFIX + "BIND"):
         found.update(parse_bind(environ[ENV_PREFIX + "BIND"]))
     return found

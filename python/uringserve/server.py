@@ -47,13 +47,12 @@ class Server:
         io_uring: str | bool | None = None,
         sock: socket.socket | None = None,
         backlog: int = 1024,
-        config: Config | None = None,
         **options: Any,
     ) -> None:
-        base = config or Config()
-        self.config = base.with_options(host=host, port=port, backlog=backlog, **options)
-        if io_uring is not None:
-            self.config = self.config.with_options(io_uring=io_uring)
+        # Every option lands in one Config; the CLI passes its Config's fields the same way.
+        self.config = Config(host=host, port=port, backlog=backlog).with_options(
+            io_uring=io_uring, **options
+        )
         self.app = app
         # Decided before binding, so `on` on a host without io_uring fails before any side effect.
         self._use_uring = resolve_policy(self.config.io_uring)

@@ -75,27 +75,31 @@ impl WsgiApp {
     ) {
         let start = out.len();
         let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
-        let result = self.run(py, conn, req, body, peer, &reply, out);
-        let status = match result {
-            Ok(()) => lock(&reply).status.clone().unwrap_or_default(),
+        let failed = match self.run(py, conn, req, body, peer, &reply, out) {
+            Ok(()) => false,
             Err(err) => {
                 self.log_app_error(
                     py,
                     &err,
                     &format!("error in WSGI app for {} {}", req.method, req.target),
                 );
-                if lock(&reply).head_sent {
-                    // The head is out: the only honest signal left is to cut the connection.
-                    conn.send_error(500, out);
-                    "500".to_owned()
-                } else {
+                if !lock(&reply).head_sent {
                     out.truncate(start);
-                    conn.send_error(500, out);
-                    "500 Internal Server Error".to_owned()
                 }
+                // With the head already out, send_error writes nothing and only marks the
+                // connection for closing: the one honest signal left.
+                conn.send_error(500, out);
+                true
             }
         };
         if let Some(access) = &self.access_log {
+            let code = if failed {
+                "500".to_owned()
+            } else {
+                let reply = lock(&reply);
+                let status = reply.status.as_deref().unwrap_or("");
+                status.split(' ').next().unwrap_or("").to_owned()
+            };
             let size = out.len() - start;
             let line = format!(
                 "{} - \"{} {} {}\" {} {}",
@@ -103,7 +107,7 @@ impl WsgiApp {
                 req.method,
                 req.target,
                 req.version.as_str(),
-                status.split(' ').next().unwrap_or(""),
+                code,
                 size
             );
             let _ = access.call_method1(py, "info", (line,));
