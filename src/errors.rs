@@ -2,10 +2,13 @@
 
 use std::fmt;
 use std::io;
+use std::time::Duration;
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
 use pyo3::PyErr;
+
+use crate::http::HttpError;
 
 create_exception!(
     _uringserve,
@@ -48,6 +51,19 @@ create_exception!(
     InvalidBufferError,
     UringError,
     "A provided-buffer id was out of range or not held by the caller."
+);
+
+create_exception!(
+    _uringserve,
+    ClientDisconnected,
+    PyOSError,
+    "wsgi.input: the client closed or reset the connection before its request body was complete."
+);
+create_exception!(
+    _uringserve,
+    InvalidRequestBody,
+    PyValueError,
+    "wsgi.input: the request body broke HTTP framing (for instance a bad chunk size)."
 );
 
 /// Why a ring operation failed. Each variant keeps the original OS error where there is one.
@@ -223,6 +239,57 @@ impl From<RingError> for PyErr {
             RingError::InvalidBuffer(_) => PyErr::new::<InvalidBufferError, _>(args),
             RingError::InvalidArgument(msg) => PyValueError::new_err(msg),
             RingError::TimedOut(_) => PyTimeoutError::new_err(args),
+        }
+    }
+}
+
+/// Why reading a request body for the app failed.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The peer closed or reset the connection mid-body; the errno, when the OS gave one.
+    Disconnected(Option<i32>),
+    /// The body broke its framing; the status is what the peer is answered with.
+    Malformed(HttpError),
+    /// Nothing more of the body arrived within this long.
+    TimedOut(Duration),
+    /// The loop's ring failed while waiting.
+    Ring(RingError),
+    /// The Python loop's transport raised.
+    Python(PyErr),
+}
+
+impl From<RingError> for BodyError {
+    fn from(err: RingError) -> Self {
+        BodyError::Ring(err)
+    }
+}
+
+impl From<PyErr> for BodyError {
+    fn from(err: PyErr) -> Self {
+        BodyError::Python(err)
+    }
+}
+
+impl From<BodyError> for PyErr {
+    fn from(err: BodyError) -> PyErr {
+        match err {
+            BodyError::Disconnected(errno) => {
+                let errno = errno.unwrap_or(libc::ECONNRESET);
+                PyErr::new::<ClientDisconnected, _>((
+                    errno,
+                    format!(
+                        "the client went away before sending the whole request body ({})",
+                        errno_name(errno)
+                    ),
+                ))
+            }
+            BodyError::Malformed(e) => InvalidRequestBody::new_err(format!("request body: {e}")),
+            BodyError::TimedOut(after) => PyTimeoutError::new_err(format!(
+                "no request body bytes arrived for {:.1} s",
+                after.as_secs_f64()
+            )),
+            BodyError::Ring(e) => e.into(),
+            BodyError::Python(e) => e,
         }
     }
 }

@@ -39,7 +39,7 @@ impl OpKind {
 
 /// The ops a cancel_fd() waits for.
 pub struct CancelTicket {
-    fd: i32,
+    pub fd: i32,
     generation: u32,
     slots: Vec<u32>,
 }
@@ -750,6 +750,18 @@ impl Hotpath {
     }
 
     // ---- teardown -----------------------------------------------------------------------
+
+    /// Cancels every op and waits up to `wait` for the final CQEs, then tears the buffer
+    /// ring down. False when the kernel did not confirm in time (memory is leaked then).
+    pub fn shut_down(&mut self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let confirmed = self.begin_cancel_all().is_ok()
+            && self
+                .drive_until(deadline, |hp| hp.ops_in_flight() == 0)
+                .unwrap_or(false);
+        self.teardown(confirmed);
+        confirmed
+    }
 
     /// Unregisters the buffer ring. When `confirmed` is false (final CQEs not all seen), the
     /// memory the kernel might still use is leaked rather than freed.

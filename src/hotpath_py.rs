@@ -349,24 +349,7 @@ impl HotpathRing {
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let mut guard = self.engine()?;
-        let hp = guard.as_mut().expect("checked open");
-        let e = hp.uring.stats;
-        let c = hp.counters;
-        let d = PyDict::new(py);
-        d.set_item("enters", e.enters)?;
-        d.set_item("submissions", e.submissions)?;
-        d.set_item("completions", e.completions)?;
-        d.set_item("accepts", c.accepts)?;
-        d.set_item("recv_bytes", c.recv_bytes)?;
-        d.set_item("sends", c.sends)?;
-        d.set_item("short_sends", c.short_sends)?;
-        d.set_item("enobufs", c.enobufs)?;
-        d.set_item("recv_rearms", c.recv_rearms)?;
-        d.set_item("accept_rearms", c.accept_rearms)?;
-        d.set_item("stale_dropped", c.stale_dropped)?;
-        d.set_item("cq_overflow", hp.uring.cq_overflow())?;
-        d.set_item("ops_in_flight", hp.ops_in_flight())?;
-        Ok(d)
+        stats_dict(py, guard.as_mut().expect("checked open"))
     }
 
     /// Cancels everything, waits for the final completions, unregisters and frees the buffer
@@ -413,16 +396,29 @@ impl HotpathRing {
     }
 }
 
-/// Cancels every op and waits for the final CQEs, then tears the buffer ring down.
-/// Returns false when the kernel did not confirm in time (memory is leaked then, not freed).
+/// The engine's counters as the dict HotpathRing.stats() and UringServer.stats() return.
+pub(crate) fn stats_dict<'py>(py: Python<'py>, hp: &mut Hotpath) -> PyResult<Bound<'py, PyDict>> {
+    let e = hp.uring.stats;
+    let c = hp.counters;
+    let d = PyDict::new(py);
+    d.set_item("enters", e.enters)?;
+    d.set_item("submissions", e.submissions)?;
+    d.set_item("completions", e.completions)?;
+    d.set_item("accepts", c.accepts)?;
+    d.set_item("recv_bytes", c.recv_bytes)?;
+    d.set_item("sends", c.sends)?;
+    d.set_item("short_sends", c.short_sends)?;
+    d.set_item("enobufs", c.enobufs)?;
+    d.set_item("recv_rearms", c.recv_rearms)?;
+    d.set_item("accept_rearms", c.accept_rearms)?;
+    d.set_item("stale_dropped", c.stale_dropped)?;
+    d.set_item("cq_overflow", hp.uring.cq_overflow())?;
+    d.set_item("ops_in_flight", hp.ops_in_flight())?;
+    Ok(d)
+}
+
 fn shut_down(hp: &mut Hotpath) -> bool {
-    let deadline = Instant::now() + CANCEL_WAIT;
-    let confirmed = hp.begin_cancel_all().is_ok()
-        && hp
-            .drive_until(deadline, |hp| hp.ops_in_flight() == 0)
-            .unwrap_or(false);
-    hp.teardown(confirmed);
-    confirmed
+    hp.shut_down(CANCEL_WAIT)
 }
 
 impl Drop for HotpathRing {

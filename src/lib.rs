@@ -11,6 +11,9 @@ mod probe_py;
 mod protocol;
 mod pyargs;
 mod ring;
+mod serve;
+mod session;
+pub mod transport;
 pub mod uring;
 pub mod wsgi;
 
@@ -28,6 +31,7 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<hotpath_py::Completion>()?;
     m.add_class::<protocol::PyWsgiApp>()?;
     m.add_class::<protocol::HttpProtocol>()?;
+    m.add_class::<serve::UringServer>()?;
     m.add_function(wrap_pyfunction!(probe_py::probe, m)?)?;
     m.add("UringError", py.get_type::<errors::UringError>())?;
     m.add("RingSetupError", py.get_type::<errors::RingSetupError>())?;
@@ -40,6 +44,14 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
         "RingUnhealthyError",
         py.get_type::<errors::RingUnhealthyError>(),
+    )?;
+    m.add(
+        "ClientDisconnected",
+        py.get_type::<errors::ClientDisconnected>(),
+    )?;
+    m.add(
+        "InvalidRequestBody",
+        py.get_type::<errors::InvalidRequestBody>(),
     )?;
     m.add(
         "InvalidBufferError",

@@ -1,17 +1,18 @@
-//! HttpProtocol: one connection's bytes in, response bytes out, through the HTTP core and
-//! the WSGI bridge. Both the io_uring and the epoll loop drive it, so they behave alike.
+//! WsgiApp (an app with its server's settings) and HttpProtocol: the epoll loop's handle on
+//! one connection, bytes in and response bytes out, through the same session as io_uring's.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use pyo3::exceptions::{PyOSError, PyTimeoutError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::http::{Connection, Drain, Event, Limits, Request};
+use crate::errors::BodyError;
+use crate::http::Limits;
+use crate::session::Session;
+use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
 use crate::wsgi::environ::ServerInfo;
-
-/// A request body the app never read is drained up to this much; past it, the connection closes.
-const DRAIN_LIMIT: u64 = 64 * 1024;
 
 /// A WSGI app with its server's settings: what every connection of one server shares.
 #[pyclass(module = "uringserve._uringserve", frozen, name = "WsgiApp")]
@@ -70,119 +71,117 @@ impl PyWsgiApp {
     }
 }
 
-struct State {
-    conn: Connection,
-    pending: Option<Request>,
-    body: Vec<u8>,
-    /// Response bytes of one feed; kept so each feed reuses the allocation.
-    out: Vec<u8>,
-    closing: bool,
+impl PyWsgiApp {
+    pub fn app(&self) -> &WsgiApp {
+        &self.app
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+/// The epoll loop's side of [`Transport`]: a Python object with `pull()` (bytes, b"" at EOF;
+/// TimeoutError when the body stalls) and `send_now(data)`.
+struct PyTransport {
+    obj: Py<PyAny>,
+    io: SharedIo,
+}
+
+impl Transport for PyTransport {
+    fn send_now(&self, py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError> {
+        self.obj
+            .call_method1(py, "send_now", (PyBytes::new(py, &bytes),))?;
+        Ok(())
+    }
+
+    fn pull(&self, py: Python<'_>) -> Result<(), BodyError> {
+        let data = match self.obj.call_method0(py, "pull") {
+            Ok(data) => data,
+            Err(err) if err.is_instance_of::<PyTimeoutError>(py) => return Err(err.into()),
+            Err(err) if err.is_instance_of::<PyOSError>(py) => {
+                lock_io(&self.io).conn.receive_eof();
+                let errno = err
+                    .value(py)
+                    .getattr("errno")
+                    .and_then(|e| e.extract::<Option<i32>>())
+                    .ok()
+                    .flatten();
+                return Err(BodyError::Disconnected(errno));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let data = data.bind(py).cast::<PyBytes>().map_err(PyErr::from)?;
+        let mut io = lock_io(&self.io);
+        if data.as_bytes().is_empty() {
+            io.conn.receive_eof();
+        } else {
+            io.conn.receive(data.as_bytes());
+        }
+        Ok(())
+    }
 }
 
 #[pyclass(module = "uringserve._uringserve", frozen)]
 pub struct HttpProtocol {
     app: Py<PyWsgiApp>,
-    peer: (String, u16),
-    state: Mutex<State>,
+    session: Mutex<Session>,
 }
 
 impl HttpProtocol {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn session(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Turns buffered input into events, answering each complete request in order, and
-    /// returns the response bytes produced.
-    fn process<'py>(&self, py: Python<'py>, st: &mut State) -> Bound<'py, PyBytes> {
-        let mut out = std::mem::take(&mut st.out);
-        out.clear();
-        self.answer(py, st, &mut out);
-        let bytes = PyBytes::new(py, &out);
-        st.out = out;
+    fn process<'py>(&self, py: Python<'py>, session: &mut Session) -> Bound<'py, PyBytes> {
+        session.advance(py, self.app.get().app());
+        let mut io = lock_io(&session.io);
+        let bytes = PyBytes::new(py, &io.out);
+        io.take_out();
         bytes
-    }
-
-    fn answer(&self, py: Python<'_>, st: &mut State, out: &mut Vec<u8>) {
-        let app = self.app.get();
-        while !st.closing {
-            match st.conn.next_event() {
-                Event::Request(req) => {
-                    // The body is gathered before the app runs, so a client waiting for
-                    // 100 Continue is told to send it as soon as its head is here.
-                    st.conn.send_continue(out);
-                    st.body.clear();
-                    st.pending = Some(req);
-                }
-                Event::Data(data) => st.body.extend_from_slice(data),
-                Event::EndOfMessage => {
-                    let Some(req) = st.pending.take() else {
-                        continue;
-                    };
-                    let body = std::mem::take(&mut st.body);
-                    app.app
-                        .respond(py, &mut st.conn, &req, body, &self.peer, out);
-                }
-                Event::Paused => {
-                    if st.conn.drain_body(DRAIN_LIMIT) == Drain::Abandon
-                        || !st.conn.start_next_cycle()
-                    {
-                        st.closing = true;
-                    }
-                }
-                Event::NeedData => break,
-                Event::ConnectionClosed => st.closing = true,
-                Event::Error(err) => {
-                    st.conn.send_error(err.status, out);
-                    st.closing = true;
-                }
-            }
-        }
     }
 }
 
 #[pymethods]
 impl HttpProtocol {
     #[new]
-    fn new(app: Py<PyWsgiApp>, peer_host: String, peer_port: u16) -> Self {
-        let limits = app.get().limits;
+    fn new(app: Py<PyWsgiApp>, peer_host: String, peer_port: u16, transport: Py<PyAny>) -> Self {
+        let io = ConnIo::shared(app.get().limits);
+        let transport: Arc<dyn Transport> = Arc::new(PyTransport {
+            obj: transport,
+            io: io.clone(),
+        });
         HttpProtocol {
             app,
-            peer: (peer_host, peer_port),
-            state: Mutex::new(State {
-                conn: Connection::new(limits),
-                pending: None,
-                body: Vec::new(),
-                out: Vec::new(),
-                closing: false,
-            }),
+            session: Mutex::new(Session::new(io, transport, (peer_host, peer_port))),
         }
     }
 
     /// Feeds bytes from the peer; returns the bytes to send back (possibly empty).
     fn feed<'py>(&self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
-        let mut st = self.state();
-        if st.closing {
+        let mut session = self.session();
+        if session.closing() {
             return PyBytes::new(py, b"");
         }
-        st.conn.receive(data);
-        self.process(py, &mut st)
+        lock_io(&session.io).conn.receive(data);
+        self.process(py, &mut session)
     }
 
     /// The peer closed its side; returns any last bytes to send.
     fn feed_eof<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let mut st = self.state();
-        if st.closing {
+        let mut session = self.session();
+        if session.closing() {
             return PyBytes::new(py, b"");
         }
-        st.conn.receive_eof();
-        let bytes = self.process(py, &mut st);
-        st.closing = true;
+        lock_io(&session.io).conn.receive_eof();
+        let bytes = self.process(py, &mut session);
+        session.close();
         bytes
     }
 
     /// True once the connection must close after the bytes returned so far are sent.
     #[getter]
     fn closing(&self) -> bool {
-        self.state().closing
+        self.session().closing()
     }
 }

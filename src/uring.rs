@@ -346,6 +346,45 @@ pub fn cqe_errno(result: i32) -> Option<i32> {
 }
 
 /// Closes an fd the kernel handed us in a completion and that nobody else owns.
+/// The peer of a connected socket as (address, port); ("", 0) for other families.
+pub fn peer_addr(fd: i32) -> io::Result<(String, u16)> {
+    // SAFETY: sockaddr_storage is plain old data for which all-zero bytes are valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `storage`, which fits any address family, and
+    // getpeername writes at most `len` bytes into it.
+    let rc = unsafe {
+        libc::getpeername(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr>(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote an AF_INET address, so storage holds a sockaddr_in;
+            // sockaddr_storage is aligned for every sockaddr type.
+            let a = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            (ip.to_string(), u16::from_be(a.sin_port))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for an AF_INET6 address and sockaddr_in6.
+            let a = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            (ip.to_string(), u16::from_be(a.sin6_port))
+        }
+        _ => (String::new(), 0),
+    })
+}
+
 pub fn close_fd(fd: i32) {
     // SAFETY: callers pass only fds returned by accept completions that were never given out,
     // so no other owner can be using or later closing this number.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
 
+from server_util import ServerThread
 from sockutil import Resources
 
 try:
@@ -110,3 +112,30 @@ def make_hotpath(resources: Resources) -> Callable[..., uringserve.HotpathRing]:
         return ring
 
     return make
+
+
+@pytest.fixture(params=["on", "off"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The io_uring policy of the server under test; one run per backend."""
+    if request.param == "on" and not uringserve.hotpath_supported():
+        reason = uringserve.capabilities().hotpath_reason
+        pytest.skip(f"io_uring hot path unsupported: {reason}")
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(backend: str) -> Iterator[Callable[..., ServerThread]]:
+    """Starts Servers for an app on the backend under test; stops them at teardown."""
+    started: list[ServerThread] = []
+
+    def start(app: Callable[..., Iterable[bytes]], **options: Any) -> ServerThread:
+        st = ServerThread(app, backend, **options)
+        started.append(st)
+        expected = "io_uring" if backend == "on" else "epoll"
+        assert st.server.backend == expected
+        return st
+
+    yield start
+    for st in started:
+        st.stop()
+        assert not st.errors, st.errors

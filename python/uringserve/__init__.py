@@ -33,10 +33,12 @@ __all__ = [
 
 # Names served by the native core; kept in step with the import below and its __all__ entries.
 _NATIVE_NAMES = (
+    "ClientDisconnected",
     "Completion",
     "ForkedRingError",
     "HotpathRing",
     "InvalidBufferError",
+    "InvalidRequestBody",
     "Ring",
     "RingClosedError",
     "RingSetupError",
@@ -47,10 +49,12 @@ _NATIVE_NAMES = (
 
 try:
     from ._uringserve import (
+        ClientDisconnected,
         Completion,
         ForkedRingError,
         HotpathRing,
         InvalidBufferError,
+        InvalidRequestBody,
         Ring,
         RingClosedError,
         RingSetupError,
@@ -74,10 +78,12 @@ except ImportError as _exc:
 else:
     _native_import_error = None
     __all__ += [
+        "ClientDisconnected",
         "Completion",
         "ForkedRingError",
         "HotpathRing",
         "InvalidBufferError",
+        "InvalidRequestBody",
         "Ring",
         "RingClosedError",
         "RingSetupError",

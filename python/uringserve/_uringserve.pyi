@@ -7,16 +7,19 @@ from typing_extensions import Buffer, Self
 
 __all__ = [
     "ABI_VERSION",
+    "ClientDisconnected",
     "Completion",
     "ForkedRingError",
     "HotpathRing",
     "HttpProtocol",
     "InvalidBufferError",
+    "InvalidRequestBody",
     "Ring",
     "RingClosedError",
     "RingSetupError",
     "RingUnhealthyError",
     "UringError",
+    "UringServer",
     "WrongThreadError",
     "WsgiApp",
     "probe",
@@ -49,6 +52,13 @@ class RingUnhealthyError(UringError):
 
 class InvalidBufferError(UringError):
     """A provided-buffer id was out of range or not held by the caller."""
+
+class ClientDisconnected(OSError):
+    """wsgi.input: the client closed or reset the connection before its request body was
+    complete."""
+
+class InvalidRequestBody(ValueError):
+    """wsgi.input: the request body broke HTTP framing (for instance a bad chunk size)."""
 
 def probe() -> dict[str, object]:
     """Probe io_uring on this process by doing it; see ``uringserve.capabilities()``."""
@@ -131,12 +141,39 @@ class WsgiApp:
         max_headers: int = 100,
     ) -> Self: ...
 
+class _BodyTransport(Protocol):
+    """What the epoll loop lends the app while it reads a request body."""
+
+    def pull(self) -> bytes: ...
+    def send_now(self, data: bytes) -> None: ...
+
 @final
 class HttpProtocol:
     """One connection: bytes from the peer in, response bytes out (the app runs inside)."""
 
-    def __new__(cls, app: WsgiApp, peer_host: str, peer_port: int) -> Self: ...
+    def __new__(
+        cls, app: WsgiApp, peer_host: str, peer_port: int, transport: _BodyTransport
+    ) -> Self: ...
     def feed(self, data: bytes) -> bytes: ...
     def feed_eof(self) -> bytes: ...
     @property
     def closing(self) -> bool: ...
+
+@final
+class UringServer:
+    """The native io_uring serve loop for one app on one listening socket."""
+
+    def __new__(
+        cls,
+        app: WsgiApp,
+        listener: _FdLike,
+        wake: _FdLike,
+        *,
+        queue_depth: int = 1024,
+        n_bufs: int = 512,
+        buf_size: int = 8192,
+    ) -> Self: ...
+    def serve(self) -> None: ...
+    @property
+    def setup_flags(self) -> list[str]: ...
+    def stats(self) -> dict[str, int]: ...

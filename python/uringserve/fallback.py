@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
+import time
 from collections.abc import Callable
 
 from ._uringserve import HttpProtocol, WsgiApp
@@ -12,15 +14,53 @@ READ_SIZE = 256 * 1024
 # Stop reading from a peer while this much response data waits to be sent to it.
 HIGH_WATER = 1 << 20
 ACCEPT_BATCH = 64
+# How long the app may wait for the next bytes of a request body (as on the io_uring loop).
+BODY_WAIT = 30.0
+
+
+class _Transport:
+    """What the app's wsgi.input uses while it runs: block on this one socket for body bytes,
+    and send 100 Continue after any responses still queued ahead of it."""
+
+    __slots__ = ("out", "sock")
+
+    def __init__(self, sock: socket.socket, out: bytearray) -> None:
+        self.sock = sock
+        self.out = out
+
+    def _wait(self, events: int) -> None:
+        poller = select.poll()
+        poller.register(self.sock, events)
+        if not poller.poll(BODY_WAIT * 1000):
+            raise TimeoutError(f"no progress on the connection for {BODY_WAIT:.0f} s")
+
+    def pull(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                self._wait(select.POLLIN)
+
+    def send_now(self, data: bytes) -> None:
+        self.out += data
+        deadline = time.monotonic() + BODY_WAIT
+        while self.out:
+            try:
+                del self.out[: self.sock.send(self.out)]
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the client does not read") from None
+                self._wait(select.POLLOUT)
 
 
 class _Conn:
     __slots__ = ("out", "proto", "sock")
 
-    def __init__(self, sock: socket.socket, proto: HttpProtocol) -> None:
+    def __init__(self, sock: socket.socket, app: WsgiApp, peer: tuple[str, int]) -> None:
         self.sock = sock
-        self.proto = proto
+        # Shared with the transport, so early sends queue behind what is already waiting.
         self.out = bytearray()
+        self.proto = HttpProtocol(app, peer[0], peer[1], _Transport(sock, self.out))
 
 
 def serve_epoll(
@@ -74,7 +114,7 @@ def serve_epoll(
                         except OSError:
                             break  # EMFILE and the like: the backlog keeps the peer waiting
                         sock.setblocking(False)
-                        conn = _Conn(sock, HttpProtocol(app, str(peer[0]), int(peer[1])))
+                        conn = _Conn(sock, app, (str(peer[0]), int(peer[1])))
                         conns[sock.fileno()] = conn
                         sel.register(sock, selectors.EVENT_READ, conn)
                     continue

@@ -64,6 +64,8 @@ class Server:
         self._stopped = threading.Event()
         self._stopped.set()
         self._serving_thread: int | None = None
+        # The io_uring loop's counters (enters, completions, sends...) once serving stopped.
+        self.ring_stats: dict[str, int] | None = None
 
     @property
     def backend(self) -> str:
@@ -112,12 +114,21 @@ class Server:
             app = self._wsgi_app()
             error_log.info(self.startup_line())
             if self._use_uring:
-                from ._uringserve import HotpathRing
-                from .uring_loop import serve_uring
+                from ._uringserve import UringServer
 
                 c = self.config
-                with HotpathRing(c.queue_depth, c.n_bufs, c.buf_size) as ring:
-                    serve_uring(self.socket, app, self._wake_r, self._stop.is_set, ring)
+                native = UringServer(
+                    app,
+                    self.socket,
+                    self._wake_r,
+                    queue_depth=c.queue_depth,
+                    n_bufs=c.n_bufs,
+                    buf_size=c.buf_size,
+                )
+                try:
+                    native.serve()
+                finally:
+                    self.ring_stats = native.stats()
             else:
                 from .fallback import serve_epoll
 

@@ -124,6 +124,19 @@ impl Connection {
         self.eof = true;
     }
 
+    /// The error the input failed with, if it did.
+    pub fn failure(&self) -> Option<HttpError> {
+        match self.recv {
+            Recv::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether the peer has said it will send nothing more.
+    pub fn input_ended(&self) -> bool {
+        self.eof
+    }
+
     /// Received bytes not yet turned into events (for back-pressure decisions).
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
-use crate::http::{Connection, Request};
+use crate::http::Request;
+use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 
 use super::environ::{build, template, ServerInfo};
 use super::input::InputStream;
@@ -62,45 +63,60 @@ impl WsgiApp {
         }
     }
 
-    /// Runs the app for one complete request and appends the framed response to `out`.
-    /// Failures before the head went out become a 500; after it, the connection is closed.
+    /// Runs the app for one request whose head has arrived; its body streams through
+    /// wsgi.input. The framed response is appended to the connection's output. Failures
+    /// before the head went out become an error response; after it, the connection closes.
     pub fn respond(
         &self,
         py: Python<'_>,
-        conn: &mut Connection,
+        io: &SharedIo,
+        transport: &Arc<dyn Transport>,
         req: &Request,
-        body: Vec<u8>,
         peer: &(String, u16),
-        out: &mut Vec<u8>,
     ) {
-        let start = out.len();
+        let start = lock_io(io).produced();
         let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
-        let failed = match self.run(py, conn, req, body, peer, &reply, out) {
-            Ok(()) => false,
+        let input = InputStream::new(io.clone(), transport.clone());
+        let outcome = Bound::new(py, input)
+            .and_then(|input| self.run(py, io, req, &input, peer, &reply).map(|()| input));
+        let failed = match outcome {
+            Ok(input) => {
+                input.get().finish();
+                false
+            }
             Err(err) => {
                 self.log_app_error(
                     py,
                     &err,
                     &format!("error in WSGI app for {} {}", req.method, req.target),
                 );
+                let mut guard = lock_io(io);
+                let io = &mut *guard;
                 if !lock(&reply).head_sent {
-                    out.truncate(start);
+                    let keep = start.saturating_sub(io.flushed) as usize;
+                    io.out.truncate(keep.min(io.out.len()));
                 }
-                // With the head already out, send_error writes nothing and only marks the
-                // connection for closing: the one honest signal left.
-                conn.send_error(500, out);
+                // A body that broke its framing is answered with the client's error (400,
+                // 413); anything else is the app's (500). With the head already out,
+                // send_error writes nothing and only marks the connection for closing.
+                let status = io.conn.failure().map_or(500, |e| e.status);
+                io.conn.send_error(status, &mut io.out);
                 true
             }
         };
         if let Some(access) = &self.access_log {
             let code = if failed {
-                "500".to_owned()
+                lock_io(io)
+                    .conn
+                    .failure()
+                    .map_or(500, |e| e.status)
+                    .to_string()
             } else {
                 let reply = lock(&reply);
                 let status = reply.status.as_deref().unwrap_or("");
                 status.split(' ').next().unwrap_or("").to_owned()
             };
-            let size = out.len() - start;
+            let size = lock_io(io).produced().saturating_sub(start);
             let line = format!(
                 "{} - \"{} {} {}\" {} {}",
                 peer.0,
@@ -114,22 +130,25 @@ impl WsgiApp {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         py: Python<'_>,
-        conn: &mut Connection,
+        io: &SharedIo,
         req: &Request,
-        body: Vec<u8>,
+        input: &Bound<'_, InputStream>,
         peer: &(String, u16),
         reply: &SharedReply,
-        out: &mut Vec<u8>,
     ) -> PyResult<()> {
-        let input = Bound::new(py, InputStream::new(body))?.into_any();
-        let environ = build(py, self.template.bind(py), req, peer, input)?;
+        let environ = build(
+            py,
+            self.template.bind(py),
+            req,
+            peer,
+            input.clone().into_any(),
+        )?;
         let start_response = Bound::new(py, StartResponse::new(reply.clone()))?;
         let iterable = self.app.bind(py).call1((environ, start_response))?;
-        let outcome = self.drain(py, conn, &iterable, reply, out);
+        let outcome = self.drain(py, io, &iterable, reply);
         // PEP 3333: close() is called whatever happened while iterating.
         let closed = match iterable.hasattr("close") {
             Ok(true) => iterable.call_method0("close").map(drop),
@@ -141,10 +160,9 @@ impl WsgiApp {
     fn drain(
         &self,
         py: Python<'_>,
-        conn: &mut Connection,
+        io: &SharedIo,
         iterable: &Bound<'_, PyAny>,
         reply: &SharedReply,
-        out: &mut Vec<u8>,
     ) -> PyResult<()> {
         // A one-element list or tuple has a known length: frame it with Content-Length.
         let single = if let Ok(list) = iterable.cast::<PyList>() {
@@ -173,24 +191,24 @@ impl WsgiApp {
             if chunk.is_empty() {
                 continue;
             }
-            self.ensure_head(conn, reply, hint, out)?;
-            conn.write_body(chunk, out);
+            self.ensure_head(io, reply, hint)?;
+            let mut guard = lock_io(io);
+            let io = &mut *guard;
+            io.conn.write_body(chunk, &mut io.out);
         }
         let _ = py;
-        self.ensure_head(conn, reply, hint.or(Some(0)), out)?;
-        conn.finish_response(out);
+        self.ensure_head(io, reply, hint.or(Some(0)))?;
+        let mut guard = lock_io(io);
+        let io = &mut *guard;
+        io.conn.finish_response(&mut io.out);
         Ok(())
     }
 
     /// Writes the head once: when the first body bytes are ready, or at the end.
-    fn ensure_head(
-        &self,
-        conn: &mut Connection,
-        reply: &SharedReply,
-        hint: Option<u64>,
-        out: &mut Vec<u8>,
-    ) -> PyResult<()> {
+    fn ensure_head(&self, io: &SharedIo, reply: &SharedReply, hint: Option<u64>) -> PyResult<()> {
         let mut r = lock(reply);
+        let mut guard = lock_io(io);
+        let ConnIo { conn, out, .. } = &mut *guard;
         if r.head_sent {
             if !r.written.is_empty() {
                 let written = std::mem::take(&mut r.written);

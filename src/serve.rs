@@ -1,0 +1,433 @@
+//! UringServer, the native serve loop: the hot-path ring, the HTTP session and the WSGI
+//! bridge composed. The GIL is released while waiting in the kernel and taken once per batch
+//! of ready connections; received bytes are copied out and their buffers recycled at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::{BodyError, RingError, RingResult};
+use crate::hotpath::{CancelTicket, Completion, Hotpath, OpKind};
+use crate::hotpath_py::stats_dict;
+use crate::http::Limits;
+use crate::owner::Owner;
+use crate::protocol::PyWsgiApp;
+use crate::pyargs::fd_of;
+use crate::session::Session;
+use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
+use crate::uring::{close_fd, peer_addr};
+
+/// How long the app may wait for the next bytes of a request body before its read fails.
+const BODY_WAIT: Duration = Duration::from_secs(30);
+/// How long stopping waits for the kernel to confirm every cancelled operation.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+struct Conn {
+    io: SharedIo,
+    session: Arc<Mutex<Session>>,
+    sends_in_flight: u32,
+    /// Receive events so far: a wait for body bytes ends when this moves.
+    received: u64,
+    /// Why the connection broke (an errno): it is closed without answering further.
+    broken: Option<i32>,
+    /// The session is over; the fd closes once its sends complete.
+    closing: bool,
+    queued: bool,
+}
+
+/// Everything the loop and the app's body reads share. Its lock is never held while Python
+/// runs, only while delivering completions or waiting in the kernel without the GIL.
+struct Core {
+    hp: Hotpath,
+    this: Weak<Mutex<Core>>,
+    limits: Limits,
+    wake: i32,
+    conns: HashMap<i32, Conn>,
+    /// Connections with input or a state change to act on, in arrival order.
+    queue: Vec<i32>,
+    /// Closed connections whose fds wait for their final CQEs before close().
+    unclosed: Vec<CancelTicket>,
+    stop: bool,
+    torn_down: bool,
+}
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn mark(queue: &mut Vec<i32>, fd: i32, conn: &mut Conn) {
+    if !conn.queued {
+        conn.queued = true;
+        queue.push(fd);
+    }
+}
+
+/// How one wait in the kernel ended.
+enum Waited {
+    Ready,
+    /// A signal arrived: Python's handlers must get a chance to run.
+    Interrupted,
+}
+
+impl Core {
+    /// Hands every reaped completion to its connection.
+    fn deliver(&mut self) -> RingResult<()> {
+        self.hp.reap()?;
+        while let Some(done) = self.hp.ready.pop_front() {
+            match done.op {
+                OpKind::Accept if done.result >= 0 => self.open(done.result)?,
+                OpKind::Recv => self.on_recv(done)?,
+                OpKind::Send => self.on_send(done),
+                // Accept errors are re-armed (or paused on EMFILE) by the engine.
+                OpKind::Accept | OpKind::AcceptRetry => {}
+            }
+        }
+        let hp = &self.hp;
+        self.unclosed.retain(|ticket| {
+            let done = hp.cancel_done(ticket);
+            if done {
+                close_fd(ticket.fd);
+            }
+            !done
+        });
+        Ok(())
+    }
+
+    fn open(&mut self, fd: i32) -> RingResult<()> {
+        // A peer gone before getpeername still gets a session; its recv reports the end.
+        let peer = peer_addr(fd).unwrap_or_default();
+        let io = ConnIo::shared(self.limits);
+        let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
+            core: self.this.clone(),
+            fd,
+        });
+        let session = Session::new(io.clone(), transport, peer);
+        self.conns.insert(
+            fd,
+            Conn {
+                io,
+                session: Arc::new(Mutex::new(session)),
+                sends_in_flight: 0,
+                received: 0,
+                broken: None,
+                closing: false,
+                queued: false,
+            },
+        );
+        self.hp.submit_recv_multishot(fd)
+    }
+
+    fn on_recv(&mut self, done: Completion) -> RingResult<()> {
+        let Some(conn) = self.conns.get_mut(&done.fd) else {
+            if done.fd == self.wake {
+                self.stop = true;
+            }
+            if let Some(bid) = done.buf_id {
+                self.hp.release_buffer(bid.into())?;
+            }
+            return Ok(());
+        };
+        match (done.result, done.buf_id) {
+            (n, Some(bid)) if n > 0 => {
+                let data = self.hp.buffer(bid.into(), n as usize)?;
+                lock_io(&conn.io).conn.receive(data);
+                self.hp.release_buffer(bid.into())?;
+            }
+            (0, _) => lock_io(&conn.io).conn.receive_eof(),
+            (n, _) => conn.broken = Some(-n),
+        }
+        conn.received += 1;
+        mark(&mut self.queue, done.fd, conn);
+        Ok(())
+    }
+
+    fn on_send(&mut self, done: Completion) {
+        let Some(conn) = self.conns.get_mut(&done.fd) else {
+            return;
+        };
+        conn.sends_in_flight = conn.sends_in_flight.saturating_sub(1);
+        if done.result < 0 {
+            conn.broken = Some(-done.result);
+        }
+        if conn.broken.is_some() || (conn.closing && conn.sends_in_flight == 0) {
+            mark(&mut self.queue, done.fd, conn);
+        }
+    }
+
+    fn send(&mut self, fd: i32, out: Vec<u8>) -> RingResult<()> {
+        if let Some(conn) = self.conns.get_mut(&fd) {
+            conn.sends_in_flight += 1;
+            self.hp.submit_send(fd, out)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the connection and cancels its ops; the fd closes after their final CQEs, so
+    /// its number cannot be reused while the kernel still holds them.
+    fn close(&mut self, fd: i32) -> RingResult<()> {
+        self.conns.remove(&fd);
+        let ticket = self.hp.begin_cancel_fd(fd)?;
+        if self.hp.cancel_done(&ticket) {
+            close_fd(fd);
+        } else {
+            self.unclosed.push(ticket);
+        }
+        Ok(())
+    }
+
+    /// One enter, unless work is already waiting; then every completion delivered.
+    fn wait(&mut self) -> RingResult<Waited> {
+        self.deliver()?;
+        if !self.queue.is_empty() || self.stop {
+            return Ok(Waited::Ready);
+        }
+        let waited = match self.hp.enter(1, None) {
+            Ok(_) => Waited::Ready,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Waited::Interrupted,
+            Err(e) => {
+                self.hp.enter_failed(e)?;
+                Waited::Ready
+            }
+        };
+        self.deliver()?;
+        Ok(waited)
+    }
+
+    /// The queued connections' sessions; broken ones are closed here instead.
+    fn take_batch(&mut self, batch: &mut Vec<(i32, Arc<Mutex<Session>>)>) -> RingResult<()> {
+        let queue = std::mem::take(&mut self.queue);
+        for &fd in &queue {
+            let Some(conn) = self.conns.get_mut(&fd) else {
+                continue;
+            };
+            conn.queued = false;
+            if conn.broken.is_some() || (conn.closing && conn.sends_in_flight == 0) {
+                self.close(fd)?;
+            } else {
+                batch.push((fd, conn.session.clone()));
+            }
+        }
+        self.queue = queue;
+        self.queue.clear();
+        Ok(())
+    }
+
+    /// Waits, without the GIL, until connection `fd` has received something.
+    fn wait_for_input(&mut self, fd: i32) -> Result<(), BodyError> {
+        let Some(start) = self.conns.get(&fd).map(|c| c.received) else {
+            return Err(BodyError::Disconnected(None));
+        };
+        let deadline = Instant::now() + BODY_WAIT;
+        loop {
+            self.deliver()?;
+            match self.conns.get(&fd) {
+                None => return Err(BodyError::Disconnected(None)),
+                Some(c) if c.broken.is_some() => return Err(BodyError::Disconnected(c.broken)),
+                Some(c) if c.received != start => return Ok(()),
+                Some(_) => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BodyError::TimedOut(BODY_WAIT));
+            }
+            if let Err(e) = self.hp.enter(1, Some(left)) {
+                self.hp.enter_failed(e)?;
+            }
+        }
+    }
+
+    /// Closes every connection, cancels the accept and the wake-up recv, and tears the ring
+    /// down once the kernel confirms (or the wait runs out).
+    fn stop_serving(&mut self) -> bool {
+        if self.torn_down {
+            return true;
+        }
+        self.torn_down = true;
+        let fds: Vec<i32> = self.conns.keys().copied().collect();
+        for fd in fds {
+            let _ = self.close(fd);
+        }
+        let confirmed = self.hp.shut_down(SHUTDOWN_WAIT);
+        for ticket in self.unclosed.drain(..) {
+            close_fd(ticket.fd);
+        }
+        for done in self.hp.ready.drain(..) {
+            if done.op == OpKind::Accept && done.result >= 0 {
+                close_fd(done.result);
+            }
+        }
+        confirmed
+    }
+}
+
+/// The app's view of its connection while it reads a body: sending goes through the ring's
+/// ordered send queue; waiting drives the ring, delivering other connections' input too.
+struct LoopTransport {
+    core: Weak<Mutex<Core>>,
+    fd: i32,
+}
+
+impl Transport for LoopTransport {
+    fn send_now(&self, _py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError> {
+        let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
+        let mut core = lock(&core);
+        if !core.conns.contains_key(&self.fd) {
+            return Err(BodyError::Disconnected(None));
+        }
+        core.send(self.fd, bytes)?;
+        Ok(())
+    }
+
+    fn pull(&self, py: Python<'_>) -> Result<(), BodyError> {
+        let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
+        let fd = self.fd;
+        py.detach(move || lock(&core).wait_for_input(fd))
+    }
+}
+
+/// Serves one WSGI app on one listening socket with the native io_uring loop.
+#[pyclass(module = "uringserve._uringserve", frozen)]
+pub struct UringServer {
+    owner: Owner,
+    app: Py<PyWsgiApp>,
+    listener: i32,
+    core: Arc<Mutex<Core>>,
+    setup_flags: Vec<&'static str>,
+}
+
+impl UringServer {
+    fn run(&self, py: Python<'_>) -> PyResult<()> {
+        let app = self.app.get().app();
+        let mut batch = Vec::new();
+        loop {
+            let (waited, stop) = py.detach(|| -> RingResult<_> {
+                let mut core = lock(&self.core);
+                let waited = core.wait()?;
+                core.take_batch(&mut batch)?;
+                Ok((waited, core.stop))
+            })?;
+            if matches!(waited, Waited::Interrupted) {
+                py.check_signals()?;
+            }
+            for (fd, session) in batch.drain(..) {
+                let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+                session.advance(py, app);
+                let out = lock_io(&session.io).take_out();
+                let closing = session.closing();
+                drop(session);
+                let mut core = lock(&self.core);
+                if !out.is_empty() {
+                    core.send(fd, out)?;
+                }
+                if let Some(conn) = core.conns.get_mut(&fd) {
+                    conn.closing = closing;
+                    if closing && conn.sends_in_flight == 0 {
+                        core.close(fd)?;
+                    }
+                }
+            }
+            if stop {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl UringServer {
+    #[new]
+    #[pyo3(signature = (app, listener, wake, *, queue_depth = 1024, n_bufs = 512, buf_size = 8192))]
+    fn new(
+        app: Py<PyWsgiApp>,
+        listener: &Bound<'_, PyAny>,
+        wake: &Bound<'_, PyAny>,
+        queue_depth: u32,
+        n_bufs: u32,
+        buf_size: u32,
+    ) -> PyResult<Self> {
+        let listener = fd_of(listener)?;
+        let wake = fd_of(wake)?;
+        let hp = Hotpath::new(queue_depth, n_bufs, buf_size)?;
+        let setup_flags = hp.uring.report.flags.clone();
+        let limits = app.get().limits();
+        let core = Arc::new_cyclic(|this| {
+            Mutex::new(Core {
+                hp,
+                this: this.clone(),
+                limits,
+                wake,
+                conns: HashMap::new(),
+                queue: Vec::new(),
+                unclosed: Vec::new(),
+                stop: false,
+                torn_down: false,
+            })
+        });
+        Ok(UringServer {
+            owner: Owner::current(),
+            app,
+            listener,
+            core,
+            setup_flags,
+        })
+    }
+
+    /// Serves until the wake socket receives a byte, then closes every connection and the
+    /// ring. Must run on the thread that created the server; it can run once.
+    fn serve(&self, py: Python<'_>) -> PyResult<()> {
+        self.owner.check()?;
+        {
+            let mut core = lock(&self.core);
+            if core.torn_down {
+                return Err(RingError::Closed.into());
+            }
+            let wake = core.wake;
+            core.hp.submit_accept_multishot(self.listener)?;
+            core.hp.submit_recv_multishot(wake)?;
+        }
+        let served = self.run(py);
+        let confirmed = py.detach(|| lock(&self.core).stop_serving());
+        served?;
+        if !confirmed {
+            return Err(RingError::Unhealthy(
+                "stopping could not confirm that the kernel finished every operation; \
+                 their memory was leaked rather than freed"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    #[getter]
+    fn setup_flags(&self) -> Vec<&'static str> {
+        self.setup_flags.clone()
+    }
+
+    /// The ring's counters plus open connections; from the serving thread, or once stopped.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.owner.check()?;
+        let mut core = lock(&self.core);
+        let d = stats_dict(py, &mut core.hp)?;
+        d.set_item("connections", core.conns.len())?;
+        Ok(d)
+    }
+}
+
+impl Drop for UringServer {
+    fn drop(&mut self) {
+        let mut core = lock(&self.core);
+        if self.owner.is_forked_child() {
+            core.hp.abandon();
+        } else if self.owner.is_owner_thread() {
+            core.stop_serving();
+        } else if !core.torn_down {
+            // Another thread may not enter a single-issuer ring: free nothing the kernel
+            // might still touch; closing the ring fd makes the kernel cancel the rest.
+            core.hp.teardown(false);
+        }
+    }
+}

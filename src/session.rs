@@ -1,0 +1,87 @@
+//! One connection's request/response cycles, shared by both loops: each request goes to the
+//! app as soon as its head is here, a body the app left unread is drained, and the HTTP core
+//! decides when the connection must close.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use crate::http::{Drain, Event};
+use crate::transport::{lock_io, SharedIo, Transport};
+use crate::wsgi::app::WsgiApp;
+
+/// A request body the app never read is drained up to this much; past it, the connection closes.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+pub struct Session {
+    pub io: SharedIo,
+    pub transport: Arc<dyn Transport>,
+    peer: (String, u16),
+    /// The app has answered; what it left of the request body is still to be discarded.
+    draining: bool,
+    closing: bool,
+}
+
+impl Session {
+    pub fn new(io: SharedIo, transport: Arc<dyn Transport>, peer: (String, u16)) -> Self {
+        Session {
+            io,
+            transport,
+            peer,
+            draining: false,
+            closing: false,
+        }
+    }
+
+    /// True once the connection must close after the output produced so far is sent.
+    pub fn closing(&self) -> bool {
+        self.closing
+    }
+
+    pub fn close(&mut self) {
+        self.closing = true;
+    }
+
+    /// Answers every request the received bytes complete, in order; responses accumulate in
+    /// the connection's output. Returns when more input is needed or the connection is over.
+    pub fn advance(&mut self, py: Python<'_>, app: &WsgiApp) {
+        while !self.closing {
+            let mut guard = lock_io(&self.io);
+            let io = &mut *guard;
+            if self.draining {
+                match io.conn.drain_body(DRAIN_LIMIT) {
+                    Drain::NeedData => return,
+                    Drain::Abandon => {
+                        self.closing = true;
+                        return;
+                    }
+                    Drain::Complete => {
+                        self.draining = false;
+                        if !io.conn.start_next_cycle() {
+                            self.closing = true;
+                            return;
+                        }
+                    }
+                }
+            }
+            match io.conn.next_event() {
+                Event::Request(req) => {
+                    drop(guard);
+                    app.respond(py, &self.io, &self.transport, &req, &self.peer);
+                    self.draining = true;
+                    // Nothing more will be read, so there is nothing to drain either.
+                    if !lock_io(&self.io).conn.keep_alive() {
+                        self.closing = true;
+                    }
+                }
+                Event::NeedData => return,
+                Event::ConnectionClosed => self.closing = true,
+                Event::Error(err) => {
+                    io.conn.send_error(err.status, &mut io.out);
+                    self.closing = true;
+                }
+                Event::Data(_) | Event::EndOfMessage | Event::Paused => self.draining = true,
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The seam between one connection's HTTP state and whichever loop moves its bytes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::prelude::*;
+
+use crate::errors::BodyError;
+use crate::http::{Connection, Limits};
+
+/// A connection's protocol state and the response bytes waiting to go out. The loop, the
+/// bridge and wsgi.input all reach it, one short lock at a time, never across an app call.
+pub struct ConnIo {
+    pub conn: Connection,
+    /// Bytes for the peer, in order; the loop takes them after each turn.
+    pub out: Vec<u8>,
+    /// Bytes taken from `out` ahead of time (by a flush before a body read), for the access log.
+    pub flushed: u64,
+}
+
+pub type SharedIo = Arc<Mutex<ConnIo>>;
+
+impl ConnIo {
+    pub fn shared(limits: Limits) -> SharedIo {
+        Arc::new(Mutex::new(ConnIo {
+            conn: Connection::new(limits),
+            out: Vec::new(),
+            flushed: 0,
+        }))
+    }
+
+    /// Everything written so far, sent or not: response sizes are differences of this.
+    pub fn produced(&self) -> u64 {
+        self.flushed + self.out.len() as u64
+    }
+
+    /// Takes the pending output for sending ahead of what comes next.
+    pub fn take_out(&mut self) -> Vec<u8> {
+        let out = std::mem::take(&mut self.out);
+        self.flushed += out.len() as u64;
+        out
+    }
+}
+
+pub fn lock_io(io: &SharedIo) -> MutexGuard<'_, ConnIo> {
+    io.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a loop offers the bridge while the app runs: sending early (100 Continue, and the
+/// responses queued before it) and waiting for more of a request body.
+pub trait Transport: Send + Sync {
+    /// Queues `bytes` for the peer ahead of anything produced later.
+    fn send_now(&self, py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError>;
+
+    /// Waits, with the GIL released, until this connection's [`ConnIo`] has received more
+    /// bytes or the end of input.
+    fn pull(&self, py: Python<'_>) -> Result<(), BodyError>;
+}
