@@ -179,6 +179,22 @@ impl HttpProtocol {
         bytes
     }
 
+    /// Answers requests that were held back while output piled up; call it once the bytes
+    /// returned so far have been sent. Returns more bytes to send.
+    fn resume<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let mut session = self.session();
+        if session.closing() || !session.held_back() {
+            return PyBytes::new(py, b"");
+        }
+        self.process(py, &mut session)
+    }
+
+    /// True when requests wait for `resume()` because output piled up.
+    #[getter]
+    fn held_back(&self) -> bool {
+        self.session().held_back()
+    }
+
     /// True once the connection must close after the bytes returned so far are sent.
     #[getter]
     fn closing(&self) -> bool {

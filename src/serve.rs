@@ -22,6 +22,10 @@ use crate::uring::{close_fd, peer_addr};
 
 /// How long the app may wait for the next bytes of a request body before its read fails.
 const BODY_WAIT: Duration = Duration::from_secs(30);
+/// While this much response data waits to be sent to a peer, its further requests wait.
+const SEND_HIGH_WATER: usize = 1 << 20;
+/// A peer that sends this much more while not reading its responses is cut off.
+const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -29,6 +33,8 @@ struct Conn {
     io: SharedIo,
     session: Arc<Mutex<Session>>,
     sends_in_flight: u32,
+    /// Response bytes handed to the ring and not yet confirmed sent.
+    unsent: usize,
     /// Receive events so far: a wait for body bytes ends when this moves.
     received: u64,
     /// Why the connection broke (an errno): it is closed without answering further.
@@ -111,6 +117,7 @@ impl Core {
                 io,
                 session: Arc::new(Mutex::new(session)),
                 sends_in_flight: 0,
+                unsent: 0,
                 received: 0,
                 broken: None,
                 closing: false,
@@ -149,10 +156,14 @@ impl Core {
             return;
         };
         conn.sends_in_flight = conn.sends_in_flight.saturating_sub(1);
+        let was_blocked = conn.unsent > SEND_HIGH_WATER;
         if done.result < 0 {
             conn.broken = Some(-done.result);
+        } else {
+            conn.unsent = conn.unsent.saturating_sub(done.result as usize);
         }
-        if conn.broken.is_some() || (conn.closing && conn.sends_in_flight == 0) {
+        let unblocked = was_blocked && conn.unsent <= SEND_HIGH_WATER;
+        if conn.broken.is_some() || unblocked || (conn.closing && conn.sends_in_flight == 0) {
             mark(&mut self.queue, done.fd, conn);
         }
     }
@@ -160,6 +171,7 @@ impl Core {
     fn send(&mut self, fd: i32, out: Vec<u8>) -> RingResult<()> {
         if let Some(conn) = self.conns.get_mut(&fd) {
             conn.sends_in_flight += 1;
+            conn.unsent += out.len();
             self.hp.submit_send(fd, out)?;
         }
         Ok(())
@@ -204,8 +216,13 @@ impl Core {
                 continue;
             };
             conn.queued = false;
-            if conn.broken.is_some() || (conn.closing && conn.sends_in_flight == 0) {
+            let blocked = conn.unsent > SEND_HIGH_WATER;
+            let flooding = blocked && lock_io(&conn.io).conn.buffered() > INPUT_CAP_WHILE_BLOCKED;
+            if conn.broken.is_some() || flooding || (conn.closing && conn.sends_in_flight == 0) {
                 self.close(fd)?;
+            } else if blocked {
+                // Back-pressure: answer nothing more until the peer reads what it was sent;
+                // the send completion that drains it queues the connection again.
             } else {
                 batch.push((fd, conn.session.clone()));
             }

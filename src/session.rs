@@ -10,6 +10,9 @@ use crate::http::{Drain, Event};
 use crate::transport::{lock_io, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
 
+/// Past this much unsent output, buffered pipelined requests wait until the peer reads.
+const OUT_HIGH_WATER: usize = 1 << 20;
+
 /// A request body the app never read is drained up to this much; past it, the connection closes.
 const DRAIN_LIMIT: u64 = 64 * 1024;
 
@@ -20,6 +23,8 @@ pub struct Session {
     /// The app has answered; what it left of the request body is still to be discarded.
     draining: bool,
     closing: bool,
+    /// The last advance stopped for back-pressure with requests still buffered.
+    held_back: bool,
 }
 
 impl Session {
@@ -30,6 +35,7 @@ impl Session {
             peer,
             draining: false,
             closing: false,
+            held_back: false,
         }
     }
 
@@ -38,16 +44,27 @@ impl Session {
         self.closing
     }
 
+    /// Whether buffered requests wait for the output to drain; call `advance` again then.
+    pub fn held_back(&self) -> bool {
+        self.held_back
+    }
+
     pub fn close(&mut self) {
         self.closing = true;
     }
 
     /// Answers every request the received bytes complete, in order; responses accumulate in
-    /// the connection's output. Returns when more input is needed or the connection is over.
+    /// the connection's output. Returns when more input is needed, the connection is over, or
+    /// the output passed its high-water mark.
     pub fn advance(&mut self, py: Python<'_>, app: &WsgiApp) {
+        self.held_back = false;
         while !self.closing {
             let mut guard = lock_io(&self.io);
             let io = &mut *guard;
+            if io.out.len() > OUT_HIGH_WATER {
+                self.held_back = true;
+                return;
+            }
             if self.draining {
                 match io.conn.drain_body(DRAIN_LIMIT) {
                     Drain::NeedData => return,

@@ -268,3 +268,27 @@ def test_stream_kept_past_its_response_reads_nothing_of_the_next_request(
         second = reader.read_response()
     assert (first.body, second.body) == (b"one", b"two")
     assert later == [b""]
+
+
+def test_pipelined_requests_held_back_by_unread_responses_all_get_answered(
+    serve: Callable[..., ServerThread],
+) -> None:
+    """120 pipelined requests for 64 KiB each (7.5 MiB of responses) sent before reading any:
+    the server holds requests back while output piles up, then resumes as the client reads."""
+    payload = os.urandom(64 * 1024)
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        n = environ["PATH_INFO"].strip("/").encode()
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [n + b":" + payload]
+
+    st = serve(app)
+    count = 120
+    wire = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(count))
+    with st.connect(timeout=30) as s:
+        s.sendall(wire)
+        reader = Reader(s, timeout=30)
+        for i in range(count):
+            resp = reader.read_response()
+            assert resp.status == 200
+            assert resp.body == b"%d:" % i + payload

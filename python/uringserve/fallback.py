@@ -99,6 +99,16 @@ def serve_epoll(
             return False
         return True
 
+    def pump(conn: _Conn) -> bool:
+        """Sends what is queued; while the peer keeps up, answers requests that were held back
+        for it. False if the connection closed."""
+        while True:
+            if conn.out and not flush(conn):
+                return False
+            if conn.out or not conn.proto.held_back:
+                return True
+            conn.out += conn.proto.resume()
+
     try:
         while not stopping():
             for key, mask in sel.select():
@@ -129,9 +139,8 @@ def serve_epoll(
                         continue
                     if data is not None:
                         conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
-                if conn.out and not flush(conn):
-                    continue
-                update(conn)
+                if pump(conn):
+                    update(conn)
     finally:
         for conn in list(conns.values()):
             close(conn)
