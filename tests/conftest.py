@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
 
+from server_util import ServerThread
 from sockutil import Resources
 
 try:
@@ -110,3 +113,55 @@ def make_hotpath(resources: Resources) -> Callable[..., uringserve.HotpathRing]:
         return ring
 
     return make
+
+
+@pytest.fixture(params=["on", "off"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The Server's io_uring policy: every server test runs on both backends."""
+    if request.param == "on" and not uringserve.hotpath_supported():
+        reason = uringserve.capabilities().hotpath_reason
+        pytest.skip(f"io_uring hot path unsupported: {reason}")
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(backend: str) -> Iterator[Callable[..., ServerThread]]:
+    """Factory for a ServerThread on the test's backend, stopped and checked at teardown."""
+    started: list[ServerThread] = []
+
+    def start(app: Callable[..., Iterable[bytes]], **options: Any) -> ServerThread:
+        st = ServerThread(app, backend, **options)
+        started.append(st)
+        expected = "io_uring" if backend == "on" else "epoll"
+        assert st.server.backend == expected
+        return st
+
+    yield start
+    for st in started:
+        st.stop()
+        assert not st.errors, st.errors
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def server_errors() -> Iterator[list[logging.LogRecord]]:
+    """Warnings and errors the server logs through "uringserve.error" during the test.
+
+    A handler on the logger itself sees records from the server thread whatever the root
+    logger's level or pytest's capture settings are.
+    """
+    logger = logging.getLogger("uringserve.error")
+    handler = _Collect()
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)

@@ -8,38 +8,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import pytest
-
-import uringserve
 from server_util import Reader, ServerThread, count_fds, request, wait_until
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
-
-
-@pytest.fixture(params=["on", "off"])
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "on" and not uringserve.hotpath_supported():
-        reason = uringserve.capabilities().hotpath_reason
-        pytest.skip(f"io_uring hot path unsupported: {reason}")
-    return str(request.param)
-
-
-@pytest.fixture
-def serve(backend: str) -> Iterator[Callable[..., ServerThread]]:
-    started: list[ServerThread] = []
-
-    def start(app: Callable[..., Iterable[bytes]], **options: Any) -> ServerThread:
-        st = ServerThread(app, backend, **options)
-        started.append(st)
-        expected = "io_uring" if backend == "on" else "epoll"
-        assert st.server.backend == expected
-        return st
-
-    yield start
-    for st in started:
-        st.stop()
-        assert not st.errors, st.errors
 
 
 def hello_app(environ: Environ, start_response: StartResponse) -> list[bytes]:

@@ -8,6 +8,7 @@ from typing_extensions import Buffer, Self
 __all__ = [
     "ABI_VERSION",
     "Completion",
+    "FileWrapper",
     "ForkedRingError",
     "HotpathRing",
     "HttpProtocol",
@@ -28,6 +29,9 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 _FdLike = int | _HasFileno
+
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
 
 class UringError(OSError):
     """Base class of every error raised by the native core; ``errno`` keeps the kernel's errno."""
@@ -140,3 +144,16 @@ class HttpProtocol:
     def feed_eof(self) -> bytes: ...
     @property
     def closing(self) -> bool: ...
+
+@final
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates ``filelike.read(blksize)`` until it returns ``b""``."""
+
+    def __new__(cls, filelike: _Readable, blksize: int = 8192) -> Self: ...
+    @property
+    def filelike(self) -> _Readable: ...
+    @property
+    def blksize(self) -> int: ...
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> bytes: ...
+    def close(self) -> None: ...
