@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SYS_PYTHON ?= python3
 PYLIBDIR = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')")
 CARGO_ENV = PYO3_PYTHON=$(abspath $(PY)) LD_LIBRARY_PATH=$(PYLIBDIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
-TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions
+TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions flask django requests
 NATIVE_SRC = $(wildcard src/*.rs src/**/*.rs) Cargo.toml pyproject.toml
 
 .PHONY: help run capabilities test test-rust test-python develop lint clean
@@ -18,6 +18,7 @@ $(VENV)/.deps: Makefile
 	@command -v $(SYS_PYTHON) >/dev/null || { echo "$(SYS_PYTHON) is required"; exit 1; }
 	@$(SYS_PYTHON) -c "import venv, ensurepip" 2>/dev/null || \
 		{ apt-get update -qq && apt-get install -y python3-venv; }
+	@command -v curl >/dev/null || { apt-get update -qq && apt-get install -y curl; }
 	test -x $(PY) || $(SYS_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TEST_DEPS)

@@ -32,6 +32,7 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<protocol::PyWsgiApp>()?;
     m.add_class::<protocol::HttpProtocol>()?;
     m.add_class::<serve::UringServer>()?;
+    m.add_class::<wsgi::file_wrapper::FileWrapper>()?;
     m.add_function(wrap_pyfunction!(probe_py::probe, m)?)?;
     m.add("UringError", py.get_type::<errors::UringError>())?;
     m.add("RingSetupError", py.get_type::<errors::RingSetupError>())?;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -116,7 +117,7 @@ def make_hotpath(resources: Resources) -> Callable[..., uringserve.HotpathRing]:
 
 @pytest.fixture(params=["on", "off"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """The io_uring policy of the server under test; one run per backend."""
+    """The Server's io_uring policy: every server test runs on both backends."""
     if request.param == "on" and not uringserve.hotpath_supported():
         reason = uringserve.capabilities().hotpath_reason
         pytest.skip(f"io_uring hot path unsupported: {reason}")
@@ -125,7 +126,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def serve(backend: str) -> Iterator[Callable[..., ServerThread]]:
-    """Starts Servers for an app on the backend under test; stops them at teardown."""
+    """Factory for a ServerThread on the test's backend, stopped and checked at teardown."""
     started: list[ServerThread] = []
 
     def start(app: Callable[..., Iterable[bytes]], **options: Any) -> ServerThread:
@@ -139,3 +140,28 @@ def serve(backend: str) -> Iterator[Callable[..., ServerThread]]:
     for st in started:
         st.stop()
         assert not st.errors, st.errors
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def server_errors() -> Iterator[list[logging.LogRecord]]:
+    """Warnings and errors the server logs through "uringserve.error" during the test.
+
+    A handler on the logger itself sees records from the server thread whatever the root
+    logger's level or pytest's capture settings are.
+    """
+    logger = logging.getLogger("uringserve.error")
+    handler = _Collect()
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)

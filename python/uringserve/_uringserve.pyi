@@ -9,6 +9,7 @@ __all__ = [
     "ABI_VERSION",
     "ClientDisconnected",
     "Completion",
+    "FileWrapper",
     "ForkedRingError",
     "HotpathRing",
     "HttpProtocol",
@@ -31,6 +32,9 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 _FdLike = int | _HasFileno
+
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
 
 class UringError(OSError):
     """Base class of every error raised by the native core; ``errno`` keeps the kernel's errno."""
@@ -180,3 +184,16 @@ class UringServer:
     @property
     def setup_flags(self) -> list[str]: ...
     def stats(self) -> dict[str, int]: ...
+
+@final
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates ``filelike.read(blksize)`` until it returns ``b""``."""
+
+    def __new__(cls, filelike: _Readable, blksize: int = 8192) -> Self: ...
+    @property
+    def filelike(self) -> _Readable: ...
+    @property
+    def blksize(self) -> int: ...
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> bytes: ...
+    def close(self) -> None: ...

@@ -5,6 +5,8 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 
 use crate::http::Request;
 
+use super::file_wrapper::FileWrapper;
+
 /// Keys that are the same for every request on one server.
 pub struct ServerInfo {
     pub server_name: String,
@@ -24,6 +26,7 @@ pub fn template<'py>(py: Python<'py>, info: &ServerInfo) -> PyResult<Bound<'py, 
     d.set_item("wsgi.multiprocess", info.multiprocess)?;
     d.set_item("wsgi.run_once", false)?;
     d.set_item("wsgi.input_terminated", true)?;
+    d.set_item("wsgi.file_wrapper", py.get_type::<FileWrapper>())?;
     d.set_item("SCRIPT_NAME", "")?;
     d.set_item("SERVER_NAME", &info.server_name)?;
     d.set_item("SERVER_PORT", info.server_port.to_string())?;

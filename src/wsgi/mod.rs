@@ -2,5 +2,6 @@
 
 pub mod app;
 pub mod environ;
+pub mod file_wrapper;
 pub mod input;
 pub mod start_response;
