@@ -292,3 +292,30 @@ def test_pipelined_requests_held_back_by_unread_responses_all_get_answered(
             resp = reader.read_response()
             assert resp.status == 200
             assert resp.body == b"%d:" % i + payload
+
+
+def test_a_client_that_does_not_read_stops_getting_its_requests_answered(
+    serve: Callable[..., ServerThread],
+) -> None:
+    """Pipelined requests for 1 MiB each, none read: once the socket buffers and 1 MiB of
+    pending output are full, the app is not called again until the client reads."""
+    payload = b"z" * MIB
+    calls: list[int] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        calls.append(1)
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [payload]
+
+    st = serve(app)
+    count = 40
+    with st.connect(timeout=30) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+        assert wait_until(lambda: len(calls) >= 2)
+        # Loopback buffers hold a few MiB; without back-pressure all 40 answers (40 MiB)
+        # would be built at once.
+        assert not wait_until(lambda: len(calls) >= count, timeout=1.0)
+        reader = Reader(s, timeout=30)
+        for _ in range(count):
+            assert reader.read_response().body == payload
+    assert len(calls) == count
