@@ -6,9 +6,10 @@ SYS_PYTHON ?= python3
 PYLIBDIR = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')")
 CARGO_ENV = PYO3_PYTHON=$(abspath $(PY)) LD_LIBRARY_PATH=$(PYLIBDIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
 TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions flask django requests
+FUZZ_CASES ?= 1000000
 NATIVE_SRC = $(wildcard src/*.rs src/**/*.rs) Cargo.toml pyproject.toml
 
-.PHONY: help run capabilities test test-rust test-python develop lint clean
+.PHONY: help run capabilities test test-rust test-python fuzz develop lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +41,10 @@ capabilities: develop ## print the io_uring capability report only
 
 test-rust: $(VENV)/.deps ## cargo test
 	$(CARGO_ENV) cargo test --quiet
+
+# The same properties also run under `cargo test`, at proptest's default 256 cases each.
+fuzz: $(VENV)/.deps ## long property-based fuzz run of the HTTP core (FUZZ_CASES per property)
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO_ENV) cargo test --profile fuzz --lib http::tests::fuzz
 
 test-python: develop ## pytest over the native core and the policy layer
 	$(PY) -m pytest -q

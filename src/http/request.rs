@@ -92,21 +92,28 @@ impl HeadScanner {
         while let Some(off) = find_lf(&buf[self.pos..]) {
             let lf = self.pos + off;
             self.pos = lf + 1;
-            if lf == self.line_start || buf[lf - 1] != b'\r' {
-                return Err(HttpError::bad_request("bare LF line ending"));
-            }
-            let line = &buf[self.line_start..lf - 1];
+            let crlf = lf > self.line_start && buf[lf - 1] == b'\r';
+            let line = &buf[self.line_start..if crlf { lf - 1 } else { lf }];
             self.line_start = self.pos;
+            // Size limits come before the line-ending check: a line refused as too long
+            // before its LF arrived must get the same answer when it arrives all at once.
+            let bare_lf = HttpError::bad_request("bare LF line ending");
             match self.request_line_end {
                 None => {
                     if line.len() > limits.max_request_line {
                         return Err(HttpError::header_too_large("request line too long"));
+                    }
+                    if !crlf {
+                        return Err(bare_lf);
                     }
                     self.request_line_end = Some(self.pos);
                 }
                 Some(rl_end) => {
                     if self.pos - rl_end > limits.max_header_bytes {
                         return Err(HttpError::header_too_large("header section too large"));
+                    }
+                    if !crlf {
+                        return Err(bare_lf);
                     }
                     if line.is_empty() {
                         return Ok(Some(self.pos));

@@ -2,6 +2,7 @@
 
 mod bodies;
 mod cycles;
+mod fuzz;
 mod requests;
 mod responses;
 

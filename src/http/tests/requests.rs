@@ -378,6 +378,39 @@ fn custom_limits_apply() {
     }
 }
 
+/// Found by fuzzing: a too-long line ending in a bare LF was 431 when the LF arrived later
+/// but 400 when it came with the line. The size limit now wins in both cases.
+#[test]
+fn oversized_line_is_431_however_its_bare_lf_arrives() {
+    let limits = Limits {
+        max_request_line: 8,
+        max_header_bytes: 16,
+        ..Limits::default()
+    };
+    let table: &[&[u8]] = &[
+        b"GET /abcdef\n",
+        b"GET /abcdef\r\r\n",
+        b"\0\0\0\0\0\0\0\0\0\n",
+        b"GET / HTTP/1.1\r\nX-Long: abcdefghij\n",
+        b"GET / HTTP/1.1\r\nX-Long: abcdefghij\n\r\n",
+    ];
+    for &input in table {
+        let lf = input.iter().rposition(|&b| b == b'\n').unwrap();
+        for cut in [input.len(), lf] {
+            let mut conn = conn_with(limits, &input[..cut]);
+            conn.receive(&input[cut..]);
+            assert_eq!(
+                owned(conn.next_event()),
+                Ev::Error(431),
+                "{:?} cut at {cut}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+    // Within the limits a bare LF is still refused as such.
+    assert_eq!(parse_with(limits, b"GET / A\n").map(|_| ()), Err(400));
+}
+
 #[test]
 fn content_length_over_max_body_is_413_at_the_head() {
     let input = b"POST / HTTP/1.1\r\nContent-Length: 1073741825\r\n\r\n";
