@@ -1,4 +1,4 @@
-# uringserve: `make run` serves the demo app, `make test` runs everything.
+# uringserve: `make run` serves the demo app, `make test` runs everything, `make bench` measures.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions flask django requ
 FUZZ_CASES ?= 1000000
 NATIVE_SRC = $(wildcard src/*.rs src/**/*.rs) Cargo.toml pyproject.toml
 
-.PHONY: help run capabilities test test-rust test-python fuzz develop lint clean
+.PHONY: help run capabilities test test-rust test-python fuzz develop lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ lint: develop ## rustfmt, clippy -D warnings, ruff, stubtest
 	$(VENV)/bin/ruff format --check python tests benches
 	$(PY) -m mypy.stubtest uringserve._uringserve
 
+bench: develop ## HTTP load vs bjoern and granian (~5 min; BENCH_ARGS=--quick for a smoke run)
+	$(PY) benches/http_bench.py $(BENCH_ARGS)
+
 clean: ## remove build products and the venv
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) benches/.venv
