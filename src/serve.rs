@@ -58,6 +58,10 @@ struct Core {
     unclosed: Vec<CancelTicket>,
     stop: bool,
     torn_down: bool,
+    /// Times the loop took the GIL to run sessions: once per batch of ready connections.
+    gil_batches: u64,
+    /// Connections the batches ran, summed.
+    batched_conns: u64,
 }
 
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
@@ -324,6 +328,10 @@ impl UringServer {
                 let mut core = lock(&self.core);
                 let waited = core.wait()?;
                 core.take_batch(&mut batch)?;
+                if !batch.is_empty() {
+                    core.gil_batches += 1;
+                    core.batched_conns += batch.len() as u64;
+                }
                 Ok((waited, core.stop))
             })?;
             if matches!(waited, Waited::Interrupted) {
@@ -381,6 +389,8 @@ impl UringServer {
                 unclosed: Vec::new(),
                 stop: false,
                 torn_down: false,
+                gil_batches: 0,
+                batched_conns: 0,
             })
         });
         Ok(UringServer {
@@ -430,6 +440,8 @@ impl UringServer {
         let mut core = lock(&self.core);
         let d = stats_dict(py, &mut core.hp)?;
         d.set_item("connections", core.conns.len())?;
+        d.set_item("gil_batches", core.gil_batches)?;
+        d.set_item("batched_connections", core.batched_conns)?;
         Ok(d)
     }
 }

@@ -41,6 +41,50 @@ def test_pipelined_batch_costs_a_few_enters_not_one_per_request() -> None:
     assert stats["enters"] <= 12, stats
     assert stats["sends"] <= 3, stats
     assert stats["accepts"] == 1
+    # The GIL is taken per batch of ready connections, not per request.
+    assert stats["gil_batches"] <= 4, stats
+
+
+def test_ready_connections_share_one_gil_acquisition() -> None:
+    """While one app call holds the loop, 63 other connections send requests; when it
+    returns, they are all ready and run in one or two batches, not 63."""
+    entered = threading.Event()
+    release = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/hold":
+            entered.set()
+            release.wait(10)
+        return hello_app(environ, start_response)
+
+    st = ServerThread(app, "on")
+    try:
+        socks = [st.connect() for _ in range(64)]
+        try:
+            socks[0].sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert entered.wait(10)
+            for s in socks[1:]:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            release.set()
+            for s in socks:
+                assert Reader(s).read_response().body == b"hello"
+        finally:
+            release.set()
+            # Stopped before the clients close, so their EOFs add no batches.
+            st.stop()
+            for s in socks:
+                s.close()
+    finally:
+        release.set()
+        if st.thread.is_alive():
+            st.stop()
+    stats = st.server.ring_stats
+    assert stats is not None
+    assert stats["batched_connections"] >= 64
+    # One batch for /hold and a few for the 63 that queued behind it (the kernel may post
+    # their completions over more than one enter).
+    print("batches:", stats["gil_batches"], "for", stats["batched_connections"], "connections")
+    assert stats["gil_batches"] <= 8, stats
 
 
 def test_two_buffers_serve_many_connections() -> None:

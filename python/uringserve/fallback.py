@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from ._uringserve import HttpProtocol, WsgiApp
 
-READ_SIZE = 256 * 1024
+# Below glibc's mmap threshold: a bigger recv() buffer costs an mmap/munmap pair per read.
+READ_SIZE = 64 * 1024
 # Stop reading from a peer while this much response data waits to be sent to it.
 HIGH_WATER = 1 << 20
 ACCEPT_BATCH = 64
