@@ -1,11 +1,12 @@
 //! The hot-path engine: multishot accept and recv over a buffer ring, ordered sends, health.
 //! It knows nothing of Python; hotpath_py.rs wraps it and releases the GIL around enters.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
 use io_uring::types::Timespec;
+use rustc_hash::FxHashMap;
 
 use crate::bufring::{BufRing, MAX_BUFS};
 use crate::errors::{errno_name, RingError, RingResult};
@@ -105,7 +106,9 @@ pub struct Hotpath {
     bufs: Option<BufRing>,
     ops: Vec<Option<Op>>,
     free_slots: Vec<u32>,
-    fds: HashMap<i32, FdState>,
+    /// Keyed by fd: small integers, so a fast non-cryptographic hash (nothing here is
+    /// keyed by what a peer chooses).
+    fds: FxHashMap<i32, FdState>,
     next_generation: u32,
     starved: VecDeque<i32>,
     /// Completions for the caller, oldest first.
@@ -115,7 +118,13 @@ pub struct Hotpath {
     unhealthy: Option<String>,
     /// The one pause every accept retry points its timeout SQE at.
     accept_retry_pause: Box<Timespec>,
+    /// Buffers of completed sends, cleared, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
+
+const SPARE_BUFFERS: usize = 256;
+/// Larger buffers go back to the allocator rather than pinning memory for small responses.
+const SPARE_MAX_CAPACITY: usize = 64 * 1024;
 
 fn power_of_two_in(name: &str, value: u32, min: u32, max: u32) -> RingResult<()> {
     if value.is_power_of_two() && (min..=max).contains(&value) {
@@ -150,7 +159,7 @@ impl Hotpath {
             bufs: Some(bufs),
             ops: Vec::new(),
             free_slots: Vec::new(),
-            fds: HashMap::new(),
+            fds: FxHashMap::default(),
             next_generation: 0,
             starved: VecDeque::new(),
             ready: VecDeque::new(),
@@ -158,6 +167,7 @@ impl Hotpath {
             counters: Counters::default(),
             unhealthy: None,
             accept_retry_pause: Box::new(Timespec::from(ACCEPT_RETRY_PAUSE)),
+            spare: Vec::new(),
         })
     }
 
@@ -745,8 +755,21 @@ impl Hotpath {
             buf_id: None,
             more: false,
         });
-        drop(job);
+        self.recycle(job.data);
         self.pump_send(op.fd)
+    }
+
+    /// Keeps a sent buffer for reuse, so a steady stream of responses stops allocating.
+    fn recycle(&mut self, mut data: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS && data.capacity() <= SPARE_MAX_CAPACITY {
+            data.clear();
+            self.spare.push(data);
+        }
+    }
+
+    /// An empty buffer for the next send, reused from a finished one when there is one.
+    pub fn spare_buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
     }
 
     // ---- teardown -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ use crate::http::Limits;
 use crate::session::Session;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
-use crate::wsgi::environ::ServerInfo;
+use crate::wsgi::environ::{Peer, ServerInfo};
 
 /// A WSGI app with its server's settings: what every connection of one server shares.
 #[pyclass(module = "uringserve._uringserve", frozen, name = "WsgiApp")]
@@ -153,7 +153,7 @@ impl HttpProtocol {
         });
         HttpProtocol {
             app,
-            session: Mutex::new(Session::new(io, transport, (peer_host, peer_port))),
+            session: Mutex::new(Session::new(io, transport, Peer::new(peer_host, peer_port))),
         }
     }
 

@@ -2,12 +2,12 @@
 //! bridge composed. The GIL is released while waiting in the kernel and taken once per batch
 //! of ready connections; received bytes are copied out and their buffers recycled at once.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use rustc_hash::FxHashMap;
 
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::hotpath::{CancelTicket, Completion, Hotpath, OpKind};
@@ -19,6 +19,7 @@ use crate::pyargs::fd_of;
 use crate::session::Session;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr};
+use crate::wsgi::environ::Peer;
 
 /// How long the app may wait for the next bytes of a request body before its read fails.
 const BODY_WAIT: Duration = Duration::from_secs(30);
@@ -51,7 +52,7 @@ struct Core {
     this: Weak<Mutex<Core>>,
     limits: Limits,
     wake: i32,
-    conns: HashMap<i32, Conn>,
+    conns: FxHashMap<i32, Conn>,
     /// Connections with input or a state change to act on, in arrival order.
     queue: Vec<i32>,
     /// Closed connections whose fds wait for their final CQEs before close().
@@ -108,13 +109,13 @@ impl Core {
 
     fn open(&mut self, fd: i32) -> RingResult<()> {
         // A peer gone before getpeername still gets a session; its recv reports the end.
-        let peer = peer_addr(fd).unwrap_or_default();
+        let (host, port) = peer_addr(fd).unwrap_or_default();
         let io = ConnIo::shared(self.limits);
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
             core: self.this.clone(),
             fd,
         });
-        let session = Session::new(io.clone(), transport, peer);
+        let session = Session::new(io.clone(), transport, Peer::new(host, port));
         self.conns.insert(
             fd,
             Conn {
@@ -340,11 +341,22 @@ impl UringServer {
             for (fd, session) in batch.drain(..) {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
                 session.advance(py, app);
-                let out = lock_io(&session.io).take_out();
                 let closing = session.closing();
                 drop(session);
                 let mut core = lock(&self.core);
-                if !out.is_empty() {
+                let core = &mut *core;
+                let Some(conn) = core.conns.get_mut(&fd) else {
+                    continue;
+                };
+                let out = {
+                    let mut io = lock_io(&conn.io);
+                    if io.out.is_empty() {
+                        None
+                    } else {
+                        Some(io.swap_out(core.hp.spare_buffer()))
+                    }
+                };
+                if let Some(out) = out {
                     core.send(fd, out)?;
                 }
                 if let Some(conn) = core.conns.get_mut(&fd) {
@@ -384,7 +396,7 @@ impl UringServer {
                 this: this.clone(),
                 limits,
                 wake,
-                conns: HashMap::new(),
+                conns: FxHashMap::default(),
                 queue: Vec::new(),
                 unclosed: Vec::new(),
                 stop: false,

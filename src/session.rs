@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use crate::http::{Drain, Event};
 use crate::transport::{lock_io, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
+use crate::wsgi::environ::Peer;
 
 /// Past this much unsent output, buffered pipelined requests wait until the peer reads.
 const OUT_HIGH_WATER: usize = 1 << 20;
@@ -19,7 +20,7 @@ const DRAIN_LIMIT: u64 = 64 * 1024;
 pub struct Session {
     pub io: SharedIo,
     pub transport: Arc<dyn Transport>,
-    peer: (String, u16),
+    peer: Peer,
     /// The app has answered; what it left of the request body is still to be discarded.
     draining: bool,
     closing: bool,
@@ -28,7 +29,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(io: SharedIo, transport: Arc<dyn Transport>, peer: (String, u16)) -> Self {
+    pub fn new(io: SharedIo, transport: Arc<dyn Transport>, peer: Peer) -> Self {
         Session {
             io,
             transport,

@@ -2,13 +2,14 @@
 
 use std::sync::{Arc, Mutex};
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::http::Request;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 
-use super::environ::{build, template, ServerInfo};
+use super::environ::{build, template, KeyCache, Peer, ServerInfo};
 use super::input::InputStream;
 use super::start_response::{lock, Reply, SharedReply, StartResponse};
 
@@ -20,6 +21,7 @@ pub struct WsgiApp {
     pub error_log: Py<PyAny>,
     /// logging.Logger "uringserve.access" when access logging is on.
     pub access_log: Option<Py<PyAny>>,
+    keys: KeyCache,
 }
 
 impl WsgiApp {
@@ -47,6 +49,7 @@ impl WsgiApp {
             template: template(py, info)?.unbind(),
             error_log,
             access_log,
+            keys: KeyCache::default(),
         })
     }
 
@@ -72,7 +75,7 @@ impl WsgiApp {
         io: &SharedIo,
         transport: &Arc<dyn Transport>,
         req: &Request,
-        peer: &(String, u16),
+        peer: &Peer,
     ) {
         let start = lock_io(io).produced();
         let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
@@ -119,7 +122,7 @@ impl WsgiApp {
             let size = lock_io(io).produced().saturating_sub(start);
             let line = format!(
                 "{} - \"{} {} {}\" {} {}",
-                peer.0,
+                peer.host,
                 req.method,
                 req.target,
                 req.version.as_str(),
@@ -136,12 +139,13 @@ impl WsgiApp {
         io: &SharedIo,
         req: &Request,
         input: &Bound<'_, InputStream>,
-        peer: &(String, u16),
+        peer: &Peer,
         reply: &SharedReply,
     ) -> PyResult<()> {
         let environ = build(
             py,
             self.template.bind(py),
+            &self.keys,
             req,
             peer,
             input.clone().into_any(),
@@ -149,10 +153,13 @@ impl WsgiApp {
         let start_response = Bound::new(py, StartResponse::new(reply.clone()))?;
         let iterable = self.app.bind(py).call1((environ, start_response))?;
         let outcome = self.drain(py, io, &iterable, reply);
-        // PEP 3333: close() is called whatever happened while iterating.
-        let closed = match iterable.hasattr("close") {
-            Ok(true) => iterable.call_method0("close").map(drop),
-            _ => Ok(()),
+        // PEP 3333: close() is called whatever happened while iterating. Lists and tuples,
+        // the common case, have none; asking them would build an AttributeError per request.
+        let plain =
+            iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>();
+        let closed = match !plain && iterable.hasattr(intern!(py, "close"))? {
+            true => iterable.call_method0(intern!(py, "close")).map(drop),
+            false => Ok(()),
         };
         outcome.and(closed)
     }

@@ -1,9 +1,13 @@
 //! Building the WSGI environ: a template of per-server keys, copied and filled per request.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
-use crate::http::Request;
+use crate::http::{Request, Version};
 
 use super::file_wrapper::FileWrapper;
 
@@ -47,6 +51,12 @@ pub fn latin1_str<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
 /// CGI name of a header: HTTP_ + upper case, '-' as '_'. None for names carrying '_', which a
 /// client could use to forge a header that a proxy in front believed it had removed.
 fn cgi_name(name: &str) -> Option<String> {
+    if name.eq_ignore_ascii_case("content-type") {
+        return Some("CONTENT_TYPE".to_owned());
+    }
+    if name.eq_ignore_ascii_case("content-length") {
+        return Some("CONTENT_LENGTH".to_owned());
+    }
     if name.contains('_') {
         return None;
     }
@@ -62,39 +72,107 @@ fn cgi_name(name: &str) -> Option<String> {
     Some(key)
 }
 
+/// Header names seen so far, as interned environ keys: a dict insert with an interned key
+/// skips building and hashing a new str. Bounded, so odd names from clients cannot grow it.
+#[derive(Default)]
+pub struct KeyCache {
+    keys: Mutex<HashMap<String, Option<Py<PyString>>>>,
+}
+
+const KEY_CACHE_MAX: usize = 512;
+
+impl KeyCache {
+    fn key<'py>(&self, py: Python<'py>, name: &str) -> Option<Bound<'py, PyString>> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = keys.get(name) {
+            return key.as_ref().map(|k| k.bind(py).clone());
+        }
+        let key = cgi_name(name).map(|k| PyString::intern(py, &k));
+        if keys.len() < KEY_CACHE_MAX {
+            keys.insert(name.to_owned(), key.as_ref().map(|k| k.clone().unbind()));
+        }
+        key
+    }
+}
+
+/// The peer of a connection, with its environ strings made once per connection.
+pub struct Peer {
+    pub host: String,
+    pub port: u16,
+    strings: OnceLock<(Py<PyString>, Py<PyString>)>,
+}
+
+impl Peer {
+    pub fn new(host: String, port: u16) -> Self {
+        Peer {
+            host,
+            port,
+            strings: OnceLock::new(),
+        }
+    }
+
+    fn strings<'py>(&self, py: Python<'py>) -> (Bound<'py, PyString>, Bound<'py, PyString>) {
+        let (host, port) = self.strings.get_or_init(|| {
+            (
+                PyString::new(py, &self.host).unbind(),
+                PyString::new(py, &self.port.to_string()).unbind(),
+            )
+        });
+        (host.bind(py).clone(), port.bind(py).clone())
+    }
+}
+
+fn method_str<'py>(py: Python<'py>, method: &str) -> Bound<'py, PyString> {
+    match method {
+        "GET" => intern!(py, "GET").clone(),
+        "POST" => intern!(py, "POST").clone(),
+        "HEAD" => intern!(py, "HEAD").clone(),
+        "PUT" => intern!(py, "PUT").clone(),
+        "DELETE" => intern!(py, "DELETE").clone(),
+        "OPTIONS" => intern!(py, "OPTIONS").clone(),
+        "PATCH" => intern!(py, "PATCH").clone(),
+        other => PyString::new(py, other),
+    }
+}
+
 /// Fills a copy of the template with one request's keys.
 pub fn build<'py>(
     py: Python<'py>,
     template: &Bound<'py, PyDict>,
+    keys: &KeyCache,
     req: &Request,
-    peer: &(String, u16),
+    peer: &Peer,
     input: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = template.copy()?;
-    env.set_item("REQUEST_METHOD", &req.method)?;
-    env.set_item("PATH_INFO", latin1_str(py, &req.path))?;
-    env.set_item("QUERY_STRING", &req.query)?;
-    env.set_item("RAW_URI", &req.target)?;
-    env.set_item("REQUEST_URI", &req.target)?;
-    env.set_item("SERVER_PROTOCOL", req.version.as_str())?;
-    env.set_item("REMOTE_ADDR", &peer.0)?;
-    env.set_item("REMOTE_PORT", peer.1.to_string())?;
-    env.set_item("wsgi.input", input)?;
+    env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &req.method))?;
+    env.set_item(intern!(py, "PATH_INFO"), latin1_str(py, &req.path))?;
+    let query = if req.query.is_empty() {
+        intern!(py, "").clone()
+    } else {
+        PyString::new(py, &req.query)
+    };
+    env.set_item(intern!(py, "QUERY_STRING"), query)?;
+    let target = PyString::new(py, &req.target);
+    env.set_item(intern!(py, "RAW_URI"), &target)?;
+    env.set_item(intern!(py, "REQUEST_URI"), target)?;
+    let protocol = match req.version {
+        Version::Http11 => intern!(py, "HTTP/1.1"),
+        Version::Http10 => intern!(py, "HTTP/1.0"),
+    };
+    env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
+    let (host, port) = peer.strings(py);
+    env.set_item(intern!(py, "REMOTE_ADDR"), host)?;
+    env.set_item(intern!(py, "REMOTE_PORT"), port)?;
+    env.set_item(intern!(py, "wsgi.input"), input)?;
     for (name, value) in &req.headers {
-        let key = if name.eq_ignore_ascii_case("content-type") {
-            "CONTENT_TYPE".to_owned()
-        } else if name.eq_ignore_ascii_case("content-length") {
-            "CONTENT_LENGTH".to_owned()
-        } else {
-            match cgi_name(name) {
-                Some(key) => key,
-                None => continue,
-            }
+        let Some(key) = keys.key(py, name) else {
+            continue;
         };
         let value = latin1_str(py, value);
         match env.get_item(&key)? {
             // Repeated fields are one field with a comma-separated list (RFC 9110, 5.3).
-            Some(prev) if key != "CONTENT_LENGTH" => {
+            Some(prev) if key.to_cow()? != "CONTENT_LENGTH" => {
                 let joined = format!("{},{}", prev.extract::<String>()?, value.to_cow()?);
                 env.set_item(&key, joined)?;
             }
