@@ -76,13 +76,6 @@ fn mark(queue: &mut Vec<i32>, fd: i32, conn: &mut Conn) {
     }
 }
 
-/// How one wait in the kernel ended.
-enum Waited {
-    Ready,
-    /// A signal arrived: Python's handlers must get a chance to run.
-    Interrupted,
-}
-
 impl Core {
     /// Hands every reaped completion to its connection.
     fn deliver(&mut self) -> RingResult<()> {
@@ -195,22 +188,17 @@ impl Core {
         Ok(())
     }
 
-    /// One enter, unless work is already waiting; then every completion delivered.
-    fn wait(&mut self) -> RingResult<Waited> {
+    /// One enter, unless work is already waiting; then every completion delivered. A signal
+    /// (EINTR) just ends the wait: the caller runs Python's handlers after every pass.
+    fn wait(&mut self) -> RingResult<()> {
         self.deliver()?;
         if !self.queue.is_empty() || self.stop {
-            return Ok(Waited::Ready);
+            return Ok(());
         }
-        let waited = match self.hp.enter(1, None) {
-            Ok(_) => Waited::Ready,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Waited::Interrupted,
-            Err(e) => {
-                self.hp.enter_failed(e)?;
-                Waited::Ready
-            }
-        };
-        self.deliver()?;
-        Ok(waited)
+        if let Err(e) = self.hp.enter(1, None) {
+            self.hp.enter_failed(e)?;
+        }
+        self.deliver()
     }
 
     /// The queued connections' sessions; broken ones are closed here instead.
@@ -325,19 +313,19 @@ impl UringServer {
         let app = self.app.get().app();
         let mut batch = Vec::new();
         loop {
-            let (waited, stop) = py.detach(|| -> RingResult<_> {
+            let stop = py.detach(|| -> RingResult<_> {
                 let mut core = lock(&self.core);
-                let waited = core.wait()?;
+                core.wait()?;
                 core.take_batch(&mut batch)?;
                 if !batch.is_empty() {
                     core.gil_batches += 1;
                     core.batched_conns += batch.len() as u64;
                 }
-                Ok((waited, core.stop))
+                Ok(core.stop)
             })?;
-            if matches!(waited, Waited::Interrupted) {
-                py.check_signals()?;
-            }
+            // Every pass, not only after EINTR: a signal that lands while this thread is out
+            // of the kernel interrupts nothing, and its Python handler must still run.
+            py.check_signals()?;
             for (fd, session) in batch.drain(..) {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
                 session.advance(py, app);
