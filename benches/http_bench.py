@@ -577,7 +577,9 @@ def parse_wrk(text: str) -> dict[str, Any]:
     errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0, "non_2xx_3xx": 0}
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     if sock:
-        errors.update(zip(("connect", "read", "write", "timeout"), map(int, sock.groups())))
+        errors.update(
+            zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True)
+        )
     status = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if status:
         errors["non_2xx_3xx"] = int(status.group(1))

@@ -460,3 +460,4 @@ impl Drop for UringServer {
         }
     }
 }
+

@@ -56,7 +56,7 @@ def recv_exactly(sock: socket.socket, n: int, timeout: float, chunk: int = 65536
         sock.settimeout(remaining)
         try:
             data = sock.recv(min(chunk, n - len(out)))
-        except socket.timeout:
+        except TimeoutError:
             break
         if not data:
             break

@@ -895,7 +895,7 @@ def test_echo_300_concurrent_connections_without_crosstalk(
     assert server.errors == []
     unfinished = [i for i, got in enumerate(results) if got is None]
     assert not unfinished, f"{len(unfinished)} clients unfinished, e.g. {unfinished[:5]}"
-    wrong = [i for i, (got, sent) in enumerate(zip(results, payloads)) if got != sent]
+    wrong = [i for i, (got, sent) in enumerate(zip(results, payloads, strict=True)) if got != sent]
     assert not wrong, f"{len(wrong)} clients got other bytes back, e.g. {wrong[:5]}"
     assert server.accepted == len(payloads)
     stats = ring.stats()

@@ -172,8 +172,8 @@ pub fn build<'py>(
         let value = latin1_str(py, value);
         match env.get_item(&key)? {
             // Repeated fields are one field with a comma-separated list (RFC 9110, 5.3).
-            Some(prev) if key.to_cow()? != "CONTENT_LENGTH" => {
-                let joined = format!("{},{}", prev.extract::<String>()?, value.to_cow()?);
+            Some(prev) if key.to_str()? != "CONTENT_LENGTH" => {
+                let joined = format!("{},{}", prev.extract::<String>()?, value.to_str()?);
                 env.set_item(&key, joined)?;
             }
             Some(_) => {}

@@ -29,7 +29,11 @@ fn latin1(s: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
     let s = s
         .cast::<PyString>()
         .map_err(|_| PyTypeError::new_err(format!("{what} must be a str")))?;
-    let text = s.to_cow()?;
+    // Borrowed, not copied: most names and values are ASCII and go to the wire as they are.
+    let text = s.to_str()?;
+    if text.is_ascii() {
+        return Ok(text.as_bytes().to_vec());
+    }
     text.chars()
         .map(|c| u8::try_from(u32::from(c)).ok())
         .collect::<Option<Vec<u8>>>()
@@ -74,7 +78,7 @@ impl StartResponse {
             }
         }
         let status_bytes = latin1(status, "status")?;
-        let status_text: String = status_bytes.iter().map(|&b| b as char).collect();
+        let status_text: String = status_bytes.iter().map(|&b| char::from(b)).collect();
         let list = headers
             .cast::<PyList>()
             .map_err(|_| PyTypeError::new_err("headers must be a list of (name, value) tuples"))?;
