@@ -460,4 +460,3 @@ impl Drop for UringServer {
         }
     }
 }
-
