@@ -70,11 +70,12 @@ struct OpTag {
     generation: u32,
 }
 
-/// One armed operation. Its slot index is the SQE's user_data.
+/// One armed operation. Its slot index is the SQE's user_data. Kept small: an idle
+/// connection holds one (its recv) for as long as it stays open.
 struct Op {
     tag: OpTag,
-    /// A send's bytes, owned here until its final CQE.
-    send: Option<SendJob>,
+    /// A send's job in `send_jobs`, whose bytes are owned there until this op's final CQE.
+    send: Option<u32>,
 }
 
 /// What is armed on one fd, tagged with a generation so that CQEs for an earlier file that had
@@ -86,7 +87,10 @@ struct FdState {
     /// The recv ended with ENOBUFS and waits for buffers to come back.
     recv_starved: bool,
     send_slot: Option<u32>,
-    send_queue: VecDeque<SendJob>,
+    /// Sends waiting for the one in flight; boxed, since most fds never queue one and an
+    /// inline VecDeque would cost every idle connection 32 bytes.
+    #[allow(clippy::box_collection)]
+    send_queue: Option<Box<VecDeque<SendJob>>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -120,6 +124,9 @@ pub struct Hotpath {
     accept_retry_pause: Box<Timespec>,
     /// Buffers of completed sends, cleared, for the next ones.
     spare: Vec<Vec<u8>>,
+    /// The jobs of sends in flight, indexed by their op's `send`; a slab with a free list.
+    send_jobs: Vec<Option<SendJob>>,
+    free_send_jobs: Vec<u32>,
 }
 
 const SPARE_BUFFERS: usize = 256;
@@ -168,6 +175,8 @@ impl Hotpath {
             unhealthy: None,
             accept_retry_pause: Box::new(Timespec::from(ACCEPT_RETRY_PAUSE)),
             spare: Vec::new(),
+            send_jobs: Vec::new(),
+            free_send_jobs: Vec::new(),
         })
     }
 
@@ -237,6 +246,14 @@ impl Hotpath {
         }
     }
 
+    fn take_send_job(&mut self, index: u32) -> Option<SendJob> {
+        let job = self.send_jobs.get_mut(index as usize)?.take();
+        if job.is_some() {
+            self.free_send_jobs.push(index);
+        }
+        job
+    }
+
     fn free_slot(&mut self, slot: u32) -> Option<Op> {
         let op = self.ops.get_mut(slot as usize)?.take();
         if op.is_some() {
@@ -259,7 +276,7 @@ impl Hotpath {
                 recv_slot: None,
                 recv_starved: false,
                 send_slot: None,
-                send_queue: VecDeque::new(),
+                send_queue: None,
             }
         })
     }
@@ -280,7 +297,7 @@ impl Hotpath {
     // ---- arming -------------------------------------------------------------------------
 
     /// Takes a slot for a new op on `fd`'s current generation.
-    fn new_op(&mut self, kind: OpKind, fd: i32, send: Option<SendJob>) -> u32 {
+    fn new_op(&mut self, kind: OpKind, fd: i32, send: Option<u32>) -> u32 {
         let generation = self.state(fd).generation;
         self.new_slot(Op {
             tag: OpTag {
@@ -318,7 +335,7 @@ impl Hotpath {
             if state.send_slot.is_some() {
                 return Ok(());
             }
-            let Some(job) = state.send_queue.pop_front() else {
+            let Some(job) = state.send_queue.as_mut().and_then(|q| q.pop_front()) else {
                 return Ok(());
             };
             if job.data.is_empty() {
@@ -340,24 +357,34 @@ impl Hotpath {
     fn push_send_job(&mut self, fd: i32, generation: u32, job: SendJob) -> RingResult<()> {
         let remaining = job.data.len() - job.sent;
         let len = remaining.min(u32::MAX as usize) as u32;
+        let index = match self.free_send_jobs.pop() {
+            Some(i) => {
+                self.send_jobs[i as usize] = Some(job);
+                i
+            }
+            None => {
+                self.send_jobs.push(Some(job));
+                (self.send_jobs.len() - 1) as u32
+            }
+        };
         let slot = self.new_slot(Op {
             tag: OpTag {
                 kind: OpKind::Send,
                 fd,
                 generation,
             },
-            send: Some(job),
+            send: Some(index),
         });
         if let Some(state) = self.current(fd, generation) {
             state.send_slot = Some(slot);
         }
-        let job = self.ops[slot as usize]
+        let job = self.send_jobs[index as usize]
             .as_ref()
-            .and_then(|op| op.send.as_ref())
             .expect("just stored");
-        // SAFETY: the bytes live in the SendJob owned by this op's slot, which is neither
-        // changed nor freed before the send's final CQE (free_slot runs only on that CQE, and
-        // close() leaks slots whose final CQE it could not confirm).
+        // SAFETY: the bytes live in the heap buffer of the job's Vec, held in `send_jobs`
+        // until the op's final CQE (take_send_job runs only on that CQE, and teardown leaks
+        // the jobs whose final CQE it could not confirm). Growing `send_jobs` moves the Vec
+        // header, never its buffer.
         let ptr = unsafe { job.data.as_ptr().add(job.sent) };
         // SAFETY: ptr..ptr+len lies inside job.data (see above).
         let res = unsafe { self.uring.push_send(fd, ptr, len, slot as u64) };
@@ -391,6 +418,7 @@ impl Hotpath {
         self.check_healthy()?;
         self.state(fd)
             .send_queue
+            .get_or_insert_with(Default::default)
             .push_back(SendJob { data, sent: 0 });
         self.pump_send(fd)
     }
@@ -557,7 +585,7 @@ impl Hotpath {
             }
         } else {
             match self.free_slot(slot) {
-                Some(op) => (op.tag, op.send),
+                Some(op) => (op.tag, op.send.and_then(|i| self.take_send_job(i))),
                 None => return Ok(()),
             }
         };
@@ -797,9 +825,14 @@ impl Hotpath {
             drop(bufs);
         } else {
             bufs.leak();
-            for op in self.ops.drain(..) {
-                std::mem::forget(op);
-            }
+            self.leak_send_jobs();
+        }
+    }
+
+    /// Forgets the bytes of sends whose final CQE never came: the kernel may still read them.
+    fn leak_send_jobs(&mut self) {
+        for job in self.send_jobs.drain(..) {
+            std::mem::forget(job);
         }
     }
 
@@ -809,9 +842,7 @@ impl Hotpath {
         if let Some(bufs) = self.bufs.take() {
             bufs.leak();
         }
-        for op in self.ops.drain(..) {
-            std::mem::forget(op);
-        }
+        self.leak_send_jobs();
     }
 }
 
