@@ -223,18 +223,19 @@ impl WsgiApp {
             }
             return Ok(());
         }
-        let Some(status) = r.status.clone() else {
+        let reply = &mut *r;
+        let Some(status) = reply.status.as_deref() else {
             return Err(pyo3::exceptions::PyAssertionError::new_err(
                 "the WSGI app returned without calling start_response()",
             ));
         };
         // Bytes passed to write() come first and make the length unknown up front.
-        let hint = if r.written.is_empty() { hint } else { None };
-        conn.start_response(&status, &r.headers, hint, out)
+        let hint = if reply.written.is_empty() { hint } else { None };
+        conn.start_response(status, &reply.headers(), hint, out)
             .map_err(|e| {
                 pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}"))
             })?;
-        r.head_sent = true;
+        reply.head_sent = true;
         if !r.written.is_empty() {
             let written = std::mem::take(&mut r.written);
             conn.write_body(&written, out);

@@ -10,12 +10,32 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 #[derive(Default)]
 pub struct Reply {
     pub status: Option<String>,
-    /// Names and values as latin-1 bytes, ready for the wire.
-    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Every header name and value as latin-1 bytes, ready for the wire, back to back in one
+    /// buffer (one allocation for all of them); `spans` says where each pair lies.
+    pub header_bytes: Vec<u8>,
+    pub spans: Vec<HeaderSpan>,
     /// Set once the head went out: start_response may then only re-raise exc_info.
     pub head_sent: bool,
     /// Bytes the app passed to the legacy write() callable.
     pub written: Vec<u8>,
+}
+
+/// Where one header's name and value lie in `Reply::header_bytes`.
+#[derive(Clone, Copy)]
+pub struct HeaderSpan {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+impl Reply {
+    /// The headers as (name, value) byte slices, in the app's order.
+    pub fn headers(&self) -> Vec<(&[u8], &[u8])> {
+        let b = &self.header_bytes;
+        self.spans
+            .iter()
+            .map(|s| (&b[s.name.0..s.name.1], &b[s.value.0..s.value.1]))
+            .collect()
+    }
 }
 
 pub type SharedReply = Arc<Mutex<Reply>>;
@@ -25,19 +45,28 @@ pub fn lock(reply: &SharedReply) -> MutexGuard<'_, Reply> {
 }
 
 /// PEP 3333 strings are latin-1 "native strings": anything beyond U+00FF is the app's bug.
-fn latin1(s: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+/// Appends the latin-1 bytes to `out` and returns where they lie.
+fn latin1(s: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u8>) -> PyResult<(usize, usize)> {
     let s = s
         .cast::<PyString>()
         .map_err(|_| PyTypeError::new_err(format!("{what} must be a str")))?;
     // Borrowed, not copied: most names and values are ASCII and go to the wire as they are.
     let text = s.to_str()?;
+    let start = out.len();
     if text.is_ascii() {
-        return Ok(text.as_bytes().to_vec());
+        out.extend_from_slice(text.as_bytes());
+        return Ok((start, out.len()));
     }
-    text.chars()
-        .map(|c| u8::try_from(u32::from(c)).ok())
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| PyTypeError::new_err(format!("{what} must be latin-1 encodable: {text:?}")))
+    for c in text.chars() {
+        let Ok(b) = u8::try_from(u32::from(c)) else {
+            out.truncate(start);
+            return Err(PyTypeError::new_err(format!(
+                "{what} must be latin-1 encodable: {text:?}"
+            )));
+        };
+        out.push(b);
+    }
+    Ok((start, out.len()))
 }
 
 #[pyclass(module = "uringserve._uringserve", frozen)]
@@ -77,12 +106,18 @@ impl StartResponse {
                 }
             }
         }
-        let status_bytes = latin1(status, "status")?;
-        let status_text: String = status_bytes.iter().map(|&b| char::from(b)).collect();
+        let mut status_bytes = Vec::new();
+        latin1(status, "status", &mut status_bytes)?;
+        let status_text = if status_bytes.is_ascii() {
+            String::from_utf8(status_bytes).unwrap_or_default()
+        } else {
+            status_bytes.iter().map(|&b| char::from(b)).collect()
+        };
         let list = headers
             .cast::<PyList>()
             .map_err(|_| PyTypeError::new_err("headers must be a list of (name, value) tuples"))?;
-        let mut parsed = Vec::with_capacity(list.len());
+        let mut header_bytes = Vec::with_capacity(64 * list.len());
+        let mut spans = Vec::with_capacity(list.len());
         for item in list.iter() {
             let pair = item
                 .cast::<PyTuple>()
@@ -92,15 +127,15 @@ impl StartResponse {
                     "each header must be a (name, value) tuple",
                 ));
             }
-            parsed.push((
-                latin1(&pair.get_item(0)?, "header name")?,
-                latin1(&pair.get_item(1)?, "header value")?,
-            ));
+            let name = latin1(&pair.get_item(0)?, "header name", &mut header_bytes)?;
+            let value = latin1(&pair.get_item(1)?, "header value", &mut header_bytes)?;
+            spans.push(HeaderSpan { name, value });
         }
         let _ = py;
         let mut reply = lock(&self.reply);
         reply.status = Some(status_text);
-        reply.headers = parsed;
+        reply.header_bytes = header_bytes;
+        reply.spans = spans;
         Ok(Writer {
             reply: self.reply.clone(),
         })
