@@ -6,10 +6,10 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use io_uring::types::Timespec;
-use rustc_hash::FxHashMap;
 
 use crate::bufring::{BufRing, MAX_BUFS};
 use crate::errors::{errno_name, RingError, RingResult};
+use crate::fdmap::FdMap;
 use crate::uring::{close_fd, Cqe, Uring, MAX_ENTRIES};
 
 /// How long a multishot accept that ended on EMFILE/ENFILE waits before it is re-armed.
@@ -110,9 +110,7 @@ pub struct Hotpath {
     bufs: Option<BufRing>,
     ops: Vec<Option<Op>>,
     free_slots: Vec<u32>,
-    /// Keyed by fd: small integers, so a fast non-cryptographic hash (nothing here is
-    /// keyed by what a peer chooses).
-    fds: FxHashMap<i32, FdState>,
+    fds: FdMap<FdState>,
     next_generation: u32,
     starved: VecDeque<i32>,
     /// Completions for the caller, oldest first.
@@ -166,7 +164,7 @@ impl Hotpath {
             bufs: Some(bufs),
             ops: Vec::new(),
             free_slots: Vec::new(),
-            fds: FxHashMap::default(),
+            fds: FdMap::default(),
             next_generation: 0,
             starved: VecDeque::new(),
             ready: VecDeque::new(),
@@ -268,7 +266,7 @@ impl Hotpath {
 
     fn state(&mut self, fd: i32) -> &mut FdState {
         let next = &mut self.next_generation;
-        self.fds.entry(fd).or_insert_with(|| {
+        self.fds.get_or_insert_with(fd, || {
             *next = next.wrapping_add(1);
             FdState {
                 generation: *next,
@@ -282,7 +280,7 @@ impl Hotpath {
     }
 
     fn current(&mut self, fd: i32, generation: u32) -> Option<&mut FdState> {
-        self.fds.get_mut(&fd).filter(|s| s.generation == generation)
+        self.fds.get_mut(fd).filter(|s| s.generation == generation)
     }
 
     /// A push that fails means the ring cannot take work: that is unhealthy.
@@ -329,7 +327,7 @@ impl Hotpath {
     /// Starts the next queued send on `fd`, if none is in flight. Empty sends complete at once.
     fn pump_send(&mut self, fd: i32) -> RingResult<()> {
         loop {
-            let Some(state) = self.fds.get_mut(&fd) else {
+            let Some(state) = self.fds.get_mut(fd) else {
                 return Ok(());
             };
             if state.send_slot.is_some() {
@@ -448,7 +446,7 @@ impl Hotpath {
             };
             let waiting = self
                 .fds
-                .get(&fd)
+                .get(fd)
                 .is_some_and(|s| s.recv_starved && s.recv_slot.is_none());
             if waiting && self.unhealthy.is_none() {
                 self.counters.recv_rearms += 1;
@@ -464,7 +462,7 @@ impl Hotpath {
     /// Forgets `fd` and asks the kernel to cancel everything armed on it. Returns what must
     /// reach its final CQE before the fd may be closed. Queued sends are dropped.
     pub fn begin_cancel_fd(&mut self, fd: i32) -> RingResult<CancelTicket> {
-        let Some(state) = self.fds.remove(&fd) else {
+        let Some(state) = self.fds.remove(fd) else {
             return Ok(CancelTicket {
                 fd,
                 generation: 0,
@@ -527,7 +525,7 @@ impl Hotpath {
     /// Cancels ops of an earlier file whose fd number the kernel has just reused. The number
     /// now names a new file, so cancel by user_data, never by fd.
     fn retire_stale(&mut self, fd: i32) {
-        if let Some(state) = self.fds.remove(&fd) {
+        if let Some(state) = self.fds.remove(fd) {
             self.starved.retain(|&f| f != fd);
             for slot in [state.accept_slot, state.recv_slot, state.send_slot]
                 .into_iter()

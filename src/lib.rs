@@ -2,6 +2,7 @@
 
 pub mod bufring;
 pub mod errors;
+mod fdmap;
 pub mod hotpath;
 mod hotpath_py;
 pub mod http;

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use rustc_hash::FxHashMap;
 
 use crate::errors::{BodyError, RingError, RingResult};
+use crate::fdmap::FdMap;
 use crate::hotpath::{CancelTicket, Completion, Hotpath, OpKind};
 use crate::hotpath_py::stats_dict;
 use crate::http::Limits;
@@ -52,7 +52,7 @@ struct Core {
     this: Weak<Mutex<Core>>,
     limits: Limits,
     wake: i32,
-    conns: FxHashMap<i32, Conn>,
+    conns: FdMap<Conn>,
     /// Connections with input or a state change to act on, in arrival order.
     queue: Vec<i32>,
     /// Closed connections whose fds wait for their final CQEs before close().
@@ -126,7 +126,7 @@ impl Core {
     }
 
     fn on_recv(&mut self, done: Completion) -> RingResult<()> {
-        let Some(conn) = self.conns.get_mut(&done.fd) else {
+        let Some(conn) = self.conns.get_mut(done.fd) else {
             if done.fd == self.wake {
                 self.stop = true;
             }
@@ -150,7 +150,7 @@ impl Core {
     }
 
     fn on_send(&mut self, done: Completion) {
-        let Some(conn) = self.conns.get_mut(&done.fd) else {
+        let Some(conn) = self.conns.get_mut(done.fd) else {
             return;
         };
         conn.sends_in_flight = conn.sends_in_flight.saturating_sub(1);
@@ -167,7 +167,7 @@ impl Core {
     }
 
     fn send(&mut self, fd: i32, out: Vec<u8>) -> RingResult<()> {
-        if let Some(conn) = self.conns.get_mut(&fd) {
+        if let Some(conn) = self.conns.get_mut(fd) {
             conn.sends_in_flight += 1;
             conn.unsent += out.len();
             self.hp.submit_send(fd, out)?;
@@ -178,7 +178,7 @@ impl Core {
     /// Forgets the connection and cancels its ops; the fd closes after their final CQEs, so
     /// its number cannot be reused while the kernel still holds them.
     fn close(&mut self, fd: i32) -> RingResult<()> {
-        self.conns.remove(&fd);
+        self.conns.remove(fd);
         let ticket = self.hp.begin_cancel_fd(fd)?;
         if self.hp.cancel_done(&ticket) {
             close_fd(fd);
@@ -205,7 +205,7 @@ impl Core {
     fn take_batch(&mut self, batch: &mut Vec<(i32, Arc<Mutex<Session>>)>) -> RingResult<()> {
         let queue = std::mem::take(&mut self.queue);
         for &fd in &queue {
-            let Some(conn) = self.conns.get_mut(&fd) else {
+            let Some(conn) = self.conns.get_mut(fd) else {
                 continue;
             };
             conn.queued = false;
@@ -227,13 +227,13 @@ impl Core {
 
     /// Waits, without the GIL, until connection `fd` has received something.
     fn wait_for_input(&mut self, fd: i32) -> Result<(), BodyError> {
-        let Some(start) = self.conns.get(&fd).map(|c| c.received) else {
+        let Some(start) = self.conns.get(fd).map(|c| c.received) else {
             return Err(BodyError::Disconnected(None));
         };
         let deadline = Instant::now() + BODY_WAIT;
         loop {
             self.deliver()?;
-            match self.conns.get(&fd) {
+            match self.conns.get(fd) {
                 None => return Err(BodyError::Disconnected(None)),
                 Some(c) if c.broken.is_some() => return Err(BodyError::Disconnected(c.broken)),
                 Some(c) if c.received != start => return Ok(()),
@@ -256,7 +256,7 @@ impl Core {
             return true;
         }
         self.torn_down = true;
-        let fds: Vec<i32> = self.conns.keys().copied().collect();
+        let fds: Vec<i32> = self.conns.fds().collect();
         for fd in fds {
             let _ = self.close(fd);
         }
@@ -284,7 +284,7 @@ impl Transport for LoopTransport {
     fn send_now(&self, _py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError> {
         let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
         let mut core = lock(&core);
-        if !core.conns.contains_key(&self.fd) {
+        if !core.conns.contains(self.fd) {
             return Err(BodyError::Disconnected(None));
         }
         core.send(self.fd, bytes)?;
@@ -333,7 +333,7 @@ impl UringServer {
                 drop(session);
                 let mut core = lock(&self.core);
                 let core = &mut *core;
-                let Some(conn) = core.conns.get_mut(&fd) else {
+                let Some(conn) = core.conns.get_mut(fd) else {
                     continue;
                 };
                 let out = {
@@ -347,7 +347,7 @@ impl UringServer {
                 if let Some(out) = out {
                     core.send(fd, out)?;
                 }
-                if let Some(conn) = core.conns.get_mut(&fd) {
+                if let Some(conn) = core.conns.get_mut(fd) {
                     conn.closing = closing;
                     if closing && conn.sends_in_flight == 0 {
                         core.close(fd)?;
@@ -384,7 +384,7 @@ impl UringServer {
                 this: this.clone(),
                 limits,
                 wake,
-                conns: FxHashMap::default(),
+                conns: FdMap::default(),
                 queue: Vec::new(),
                 unclosed: Vec::new(),
                 stop: false,
