@@ -37,10 +37,6 @@ impl<T> FdMap<T> {
         self.slots.get_mut(index(fd))?.as_mut()
     }
 
-    pub fn contains(&self, fd: i32) -> bool {
-        self.get(fd).is_some()
-    }
-
     fn slot(&mut self, fd: i32) -> &mut Option<T> {
         let i = index(fd);
         if i >= self.slots.len() {

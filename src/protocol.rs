@@ -12,7 +12,7 @@ use crate::http::Limits;
 use crate::session::Session;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
-use crate::wsgi::environ::{Peer, ServerInfo};
+use crate::wsgi::environ::{Peer, PeerHost, ServerInfo};
 
 /// A WSGI app with its server's settings: what every connection of one server shares.
 #[pyclass(module = "uringserve._uringserve", frozen, name = "WsgiApp")]
@@ -85,22 +85,21 @@ impl PyWsgiApp {
 /// TimeoutError when the body stalls) and `send_now(data)`.
 struct PyTransport {
     obj: Py<PyAny>,
-    io: SharedIo,
 }
 
 impl Transport for PyTransport {
-    fn send_now(&self, py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError> {
+    fn send_now(&self, py: Python<'_>, _io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
         self.obj
             .call_method1(py, "send_now", (PyBytes::new(py, &bytes),))?;
         Ok(())
     }
 
-    fn pull(&self, py: Python<'_>) -> Result<(), BodyError> {
+    fn pull(&self, py: Python<'_>, io: &SharedIo) -> Result<(), BodyError> {
         let data = match self.obj.call_method0(py, "pull") {
             Ok(data) => data,
             Err(err) if err.is_instance_of::<PyTimeoutError>(py) => return Err(err.into()),
             Err(err) if err.is_instance_of::<PyOSError>(py) => {
-                lock_io(&self.io).conn.receive_eof();
+                lock_io(io).conn.receive_eof();
                 let errno = err
                     .value(py)
                     .getattr("errno")
@@ -112,7 +111,7 @@ impl Transport for PyTransport {
             Err(err) => return Err(err.into()),
         };
         let data = data.bind(py).cast::<PyBytes>().map_err(PyErr::from)?;
-        let mut io = lock_io(&self.io);
+        let mut io = lock_io(io);
         if data.as_bytes().is_empty() {
             io.conn.receive_eof();
         } else {
@@ -146,14 +145,15 @@ impl HttpProtocol {
 impl HttpProtocol {
     #[new]
     fn new(app: Py<PyWsgiApp>, peer_host: String, peer_port: u16, transport: Py<PyAny>) -> Self {
-        let io = ConnIo::shared(app.get().limits);
-        let transport: Arc<dyn Transport> = Arc::new(PyTransport {
-            obj: transport,
-            io: io.clone(),
-        });
+        let io = ConnIo::shared(app.get().limits, -1);
+        let transport: Arc<dyn Transport> = Arc::new(PyTransport { obj: transport });
         HttpProtocol {
             app,
-            session: Mutex::new(Session::new(io, transport, Peer::new(peer_host, peer_port))),
+            session: Mutex::new(Session::new(
+                io,
+                transport,
+                Peer::new(PeerHost::Name(peer_host.into()), peer_port),
+            )),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::pyargs::fd_of;
 use crate::session::Session;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr};
-use crate::wsgi::environ::Peer;
+use crate::wsgi::environ::{Peer, PeerHost};
 
 /// How long the app may wait for the next bytes of a request body before its read fails.
 const BODY_WAIT: Duration = Duration::from_secs(30);
@@ -49,7 +49,9 @@ struct Conn {
 /// runs, only while delivering completions or waiting in the kernel without the GIL.
 struct Core {
     hp: Hotpath,
-    this: Weak<Mutex<Core>>,
+    /// The one transport every connection's body reads go through (it finds the fd in the
+    /// connection's ConnIo).
+    transport: Arc<dyn Transport>,
     limits: Limits,
     wake: i32,
     conns: FdMap<Conn>,
@@ -102,13 +104,12 @@ impl Core {
 
     fn open(&mut self, fd: i32) -> RingResult<()> {
         // A peer gone before getpeername still gets a session; its recv reports the end.
-        let (host, port) = peer_addr(fd).unwrap_or_default();
-        let io = ConnIo::shared(self.limits);
-        let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
-            core: self.this.clone(),
-            fd,
-        });
-        let session = Session::new(io.clone(), transport, Peer::new(host, port));
+        let (host, port) = match peer_addr(fd) {
+            Ok(Some((ip, port))) => (PeerHost::Ip(ip), port),
+            _ => (PeerHost::Name("".into()), 0),
+        };
+        let io = ConnIo::shared(self.limits, fd);
+        let session = Session::new(io.clone(), self.transport.clone(), Peer::new(host, port));
         self.conns.insert(
             fd,
             Conn {
@@ -225,15 +226,21 @@ impl Core {
         Ok(())
     }
 
+    /// The connection on `fd` if it is still the one `io` belongs to: once a connection
+    /// closes, its fd number may already name another.
+    fn conn_of(&self, fd: i32, io: &SharedIo) -> Option<&Conn> {
+        self.conns.get(fd).filter(|c| Arc::ptr_eq(&c.io, io))
+    }
+
     /// Waits, without the GIL, until connection `fd` has received something.
-    fn wait_for_input(&mut self, fd: i32) -> Result<(), BodyError> {
-        let Some(start) = self.conns.get(fd).map(|c| c.received) else {
+    fn wait_for_input(&mut self, fd: i32, io: &SharedIo) -> Result<(), BodyError> {
+        let Some(start) = self.conn_of(fd, io).map(|c| c.received) else {
             return Err(BodyError::Disconnected(None));
         };
         let deadline = Instant::now() + BODY_WAIT;
         loop {
             self.deliver()?;
-            match self.conns.get(fd) {
+            match self.conn_of(fd, io) {
                 None => return Err(BodyError::Disconnected(None)),
                 Some(c) if c.broken.is_some() => return Err(BodyError::Disconnected(c.broken)),
                 Some(c) if c.received != start => return Ok(()),
@@ -277,24 +284,25 @@ impl Core {
 /// ordered send queue; waiting drives the ring, delivering other connections' input too.
 struct LoopTransport {
     core: Weak<Mutex<Core>>,
-    fd: i32,
 }
 
 impl Transport for LoopTransport {
-    fn send_now(&self, _py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError> {
+    fn send_now(&self, _py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
+        let fd = lock_io(io).fd;
         let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
         let mut core = lock(&core);
-        if !core.conns.contains(self.fd) {
+        if core.conn_of(fd, io).is_none() {
             return Err(BodyError::Disconnected(None));
         }
-        core.send(self.fd, bytes)?;
+        core.send(fd, bytes)?;
         Ok(())
     }
 
-    fn pull(&self, py: Python<'_>) -> Result<(), BodyError> {
+    fn pull(&self, py: Python<'_>, io: &SharedIo) -> Result<(), BodyError> {
+        let fd = lock_io(io).fd;
         let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
-        let fd = self.fd;
-        py.detach(move || lock(&core).wait_for_input(fd))
+        let io = io.clone();
+        py.detach(move || lock(&core).wait_for_input(fd, &io))
     }
 }
 
@@ -381,7 +389,7 @@ impl UringServer {
         let core = Arc::new_cyclic(|this| {
             Mutex::new(Core {
                 hp,
-                this: this.clone(),
+                transport: Arc::new(LoopTransport { core: this.clone() }),
                 limits,
                 wake,
                 conns: FdMap::default(),

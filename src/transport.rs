@@ -15,16 +15,19 @@ pub struct ConnIo {
     pub out: Vec<u8>,
     /// Bytes taken from `out` ahead of time (by a flush before a body read), for the access log.
     pub flushed: u64,
+    /// The connection's fd, for a transport shared by every connection of a loop.
+    pub fd: i32,
 }
 
 pub type SharedIo = Arc<Mutex<ConnIo>>;
 
 impl ConnIo {
-    pub fn shared(limits: Limits) -> SharedIo {
+    pub fn shared(limits: Limits, fd: i32) -> SharedIo {
         Arc::new(Mutex::new(ConnIo {
             conn: Connection::new(limits),
             out: Vec::new(),
             flushed: 0,
+            fd,
         }))
     }
 
@@ -55,10 +58,9 @@ pub fn lock_io(io: &SharedIo) -> MutexGuard<'_, ConnIo> {
 /// What a loop offers the bridge while the app runs: sending early (100 Continue, and the
 /// responses queued before it) and waiting for more of a request body.
 pub trait Transport: Send + Sync {
-    /// Queues `bytes` for the peer ahead of anything produced later.
-    fn send_now(&self, py: Python<'_>, bytes: Vec<u8>) -> Result<(), BodyError>;
+    /// Queues `bytes` for the peer of `io` ahead of anything produced later.
+    fn send_now(&self, py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError>;
 
-    /// Waits, with the GIL released, until this connection's [`ConnIo`] has received more
-    /// bytes or the end of input.
-    fn pull(&self, py: Python<'_>) -> Result<(), BodyError>;
+    /// Waits, with the GIL released, until `io` has received more bytes or the end of input.
+    fn pull(&self, py: Python<'_>, io: &SharedIo) -> Result<(), BodyError>;
 }

@@ -346,8 +346,8 @@ pub fn cqe_errno(result: i32) -> Option<i32> {
 }
 
 /// Closes an fd the kernel handed us in a completion and that nobody else owns.
-/// The peer of a connected socket as (address, port); ("", 0) for other families.
-pub fn peer_addr(fd: i32) -> io::Result<(String, u16)> {
+/// The peer of a connected socket as (address, port); None for non-IP families.
+pub fn peer_addr(fd: i32) -> io::Result<Option<(std::net::IpAddr, u16)>> {
     // SAFETY: sockaddr_storage is plain old data for which all-zero bytes are valid.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -371,7 +371,7 @@ pub fn peer_addr(fd: i32) -> io::Result<(String, u16)> {
                 &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
             };
             let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            (ip.to_string(), u16::from_be(a.sin_port))
+            Some((ip.into(), u16::from_be(a.sin_port)))
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for an AF_INET6 address and sockaddr_in6.
@@ -379,9 +379,9 @@ pub fn peer_addr(fd: i32) -> io::Result<(String, u16)> {
                 &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
             };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            (ip.to_string(), u16::from_be(a.sin6_port))
+            Some((ip.into(), u16::from_be(a.sin6_port)))
         }
-        _ => (String::new(), 0),
+        _ => None,
     })
 }
 

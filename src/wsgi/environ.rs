@@ -1,6 +1,8 @@
 //! Building the WSGI environ: a template of per-server keys, copied and filled per request.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
 use std::sync::{Mutex, OnceLock};
 
 use pyo3::intern;
@@ -95,15 +97,31 @@ impl KeyCache {
     }
 }
 
+/// A peer's address: kept as an IP where there is one, since an idle connection should
+/// cost as little memory as possible.
+pub enum PeerHost {
+    Ip(IpAddr),
+    Name(Box<str>),
+}
+
+impl fmt::Display for PeerHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerHost::Ip(ip) => ip.fmt(f),
+            PeerHost::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 /// The peer of a connection, with its environ strings made once per connection.
 pub struct Peer {
-    pub host: String,
+    pub host: PeerHost,
     pub port: u16,
     strings: OnceLock<(Py<PyString>, Py<PyString>)>,
 }
 
 impl Peer {
-    pub fn new(host: String, port: u16) -> Self {
+    pub fn new(host: PeerHost, port: u16) -> Self {
         Peer {
             host,
             port,
@@ -114,7 +132,7 @@ impl Peer {
     fn strings<'py>(&self, py: Python<'py>) -> (Bound<'py, PyString>, Bound<'py, PyString>) {
         let (host, port) = self.strings.get_or_init(|| {
             (
-                PyString::new(py, &self.host).unbind(),
+                PyString::new(py, &self.host.to_string()).unbind(),
                 PyString::new(py, &self.port.to_string()).unbind(),
             )
         });

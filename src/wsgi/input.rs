@@ -160,11 +160,12 @@ impl InputStream {
                 return Ok(body);
             };
             let transport = body.transport.clone();
+            let io = body.io.clone();
             drop(body);
             if !early.is_empty() {
-                transport.send_now(py, early)?;
+                transport.send_now(py, &io, early)?;
             }
-            transport.pull(py)?;
+            transport.pull(py, &io)?;
         }
     }
 
