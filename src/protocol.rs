@@ -124,6 +124,7 @@ impl Transport for PyTransport {
 #[pyclass(module = "uringserve._uringserve", frozen)]
 pub struct HttpProtocol {
     app: Py<PyWsgiApp>,
+    transport: Arc<dyn Transport>,
     session: Mutex<Session>,
 }
 
@@ -133,7 +134,7 @@ impl HttpProtocol {
     }
 
     fn process<'py>(&self, py: Python<'py>, session: &mut Session) -> Bound<'py, PyBytes> {
-        session.advance(py, self.app.get().app());
+        session.advance(py, self.app.get().app(), &self.transport);
         let mut io = lock_io(&session.io);
         let bytes = PyBytes::new(py, &io.out);
         io.take_out();
@@ -147,13 +148,11 @@ impl HttpProtocol {
     fn new(app: Py<PyWsgiApp>, peer_host: String, peer_port: u16, transport: Py<PyAny>) -> Self {
         let io = ConnIo::shared(app.get().limits, -1);
         let transport: Arc<dyn Transport> = Arc::new(PyTransport { obj: transport });
+        let peer = Peer::new(PeerHost::Name(peer_host.into()), peer_port);
         HttpProtocol {
             app,
-            session: Mutex::new(Session::new(
-                io,
-                transport,
-                Peer::new(PeerHost::Name(peer_host.into()), peer_port),
-            )),
+            transport,
+            session: Mutex::new(Session::new(io, peer)),
         }
     }
 

@@ -24,7 +24,7 @@ use crate::wsgi::environ::{Peer, PeerHost};
 /// How long the app may wait for the next bytes of a request body before its read fails.
 const BODY_WAIT: Duration = Duration::from_secs(30);
 /// While this much response data waits to be sent to a peer, its further requests wait.
-const SEND_HIGH_WATER: usize = 1 << 20;
+const SEND_HIGH_WATER: u32 = 1 << 20;
 /// A peer that sends this much more while not reading its responses is cut off.
 const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
@@ -35,9 +35,9 @@ struct Conn {
     session: Arc<Mutex<Session>>,
     sends_in_flight: u32,
     /// Response bytes handed to the ring and not yet confirmed sent.
-    unsent: usize,
+    unsent: u32,
     /// Receive events so far: a wait for body bytes ends when this moves.
-    received: u64,
+    received: u32,
     /// Why the connection broke (an errno): it is closed without answering further.
     broken: Option<i32>,
     /// The session is over; the fd closes once its sends complete.
@@ -49,9 +49,6 @@ struct Conn {
 /// runs, only while delivering completions or waiting in the kernel without the GIL.
 struct Core {
     hp: Hotpath,
-    /// The one transport every connection's body reads go through (it finds the fd in the
-    /// connection's ConnIo).
-    transport: Arc<dyn Transport>,
     limits: Limits,
     wake: i32,
     conns: FdMap<Conn>,
@@ -109,7 +106,7 @@ impl Core {
             _ => (PeerHost::Name("".into()), 0),
         };
         let io = ConnIo::shared(self.limits, fd);
-        let session = Session::new(io.clone(), self.transport.clone(), Peer::new(host, port));
+        let session = Session::new(io.clone(), Peer::new(host, port));
         self.conns.insert(
             fd,
             Conn {
@@ -145,7 +142,7 @@ impl Core {
             (0, _) => lock_io(&conn.io).conn.receive_eof(),
             (n, _) => conn.broken = Some(-n),
         }
-        conn.received += 1;
+        conn.received = conn.received.wrapping_add(1);
         mark(&mut self.queue, done.fd, conn);
         Ok(())
     }
@@ -159,7 +156,7 @@ impl Core {
         if done.result < 0 {
             conn.broken = Some(-done.result);
         } else {
-            conn.unsent = conn.unsent.saturating_sub(done.result as usize);
+            conn.unsent = conn.unsent.saturating_sub(done.result as u32);
         }
         let unblocked = was_blocked && conn.unsent <= SEND_HIGH_WATER;
         if conn.broken.is_some() || unblocked || (conn.closing && conn.sends_in_flight == 0) {
@@ -170,7 +167,8 @@ impl Core {
     fn send(&mut self, fd: i32, out: Vec<u8>) -> RingResult<()> {
         if let Some(conn) = self.conns.get_mut(fd) {
             conn.sends_in_flight += 1;
-            conn.unsent += out.len();
+            let len = u32::try_from(out.len()).unwrap_or(u32::MAX);
+            conn.unsent = conn.unsent.saturating_add(len);
             self.hp.submit_send(fd, out)?;
         }
         Ok(())
@@ -310,6 +308,9 @@ impl Transport for LoopTransport {
 #[pyclass(module = "uringserve._uringserve", frozen)]
 pub struct UringServer {
     owner: Owner,
+    /// The one transport every connection's body reads go through (it finds the fd in the
+    /// connection's ConnIo).
+    transport: Arc<dyn Transport>,
     app: Py<PyWsgiApp>,
     listener: i32,
     core: Arc<Mutex<Core>>,
@@ -336,7 +337,7 @@ impl UringServer {
             py.check_signals()?;
             for (fd, session) in batch.drain(..) {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                session.advance(py, app);
+                session.advance(py, app, &self.transport);
                 let closing = session.closing();
                 drop(session);
                 let mut core = lock(&self.core);
@@ -386,23 +387,24 @@ impl UringServer {
         let hp = Hotpath::new(queue_depth, n_bufs, buf_size)?;
         let setup_flags = hp.uring.report.flags.clone();
         let limits = app.get().limits();
-        let core = Arc::new_cyclic(|this| {
-            Mutex::new(Core {
-                hp,
-                transport: Arc::new(LoopTransport { core: this.clone() }),
-                limits,
-                wake,
-                conns: FdMap::default(),
-                queue: Vec::new(),
-                unclosed: Vec::new(),
-                stop: false,
-                torn_down: false,
-                gil_batches: 0,
-                batched_conns: 0,
-            })
+        let core = Arc::new(Mutex::new(Core {
+            hp,
+            limits,
+            wake,
+            conns: FdMap::default(),
+            queue: Vec::new(),
+            unclosed: Vec::new(),
+            stop: false,
+            torn_down: false,
+            gil_batches: 0,
+            batched_conns: 0,
+        }));
+        let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
+            core: Arc::downgrade(&core),
         });
         Ok(UringServer {
             owner: Owner::current(),
+            transport,
             app,
             listener,
             core,

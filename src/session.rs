@@ -19,7 +19,6 @@ const DRAIN_LIMIT: u64 = 64 * 1024;
 
 pub struct Session {
     pub io: SharedIo,
-    pub transport: Arc<dyn Transport>,
     peer: Peer,
     /// The app has answered; what it left of the request body is still to be discarded.
     draining: bool,
@@ -29,10 +28,9 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(io: SharedIo, transport: Arc<dyn Transport>, peer: Peer) -> Self {
+    pub fn new(io: SharedIo, peer: Peer) -> Self {
         Session {
             io,
-            transport,
             peer,
             draining: false,
             closing: false,
@@ -57,7 +55,8 @@ impl Session {
     /// Answers every request the received bytes complete, in order; responses accumulate in
     /// the connection's output. Returns when more input is needed, the connection is over, or
     /// the output passed its high-water mark.
-    pub fn advance(&mut self, py: Python<'_>, app: &WsgiApp) {
+    /// Body reads wait through `transport`, the loop's.
+    pub fn advance(&mut self, py: Python<'_>, app: &WsgiApp, transport: &Arc<dyn Transport>) {
         self.held_back = false;
         while !self.closing {
             let mut guard = lock_io(&self.io);
@@ -85,7 +84,7 @@ impl Session {
             match io.conn.next_event() {
                 Event::Request(req) => {
                     drop(guard);
-                    app.respond(py, &self.io, &self.transport, &req, &self.peer);
+                    app.respond(py, &self.io, transport, &req, &self.peer);
                     self.draining = true;
                     // Nothing more will be read, so there is nothing to drain either.
                     if !lock_io(&self.io).conn.keep_alive() {
