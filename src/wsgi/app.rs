@@ -10,7 +10,7 @@ use crate::http::Request;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 
 use super::environ::{build, template, KeyCache, Peer, ServerInfo};
-use super::input::InputStream;
+use super::input::{EmptyInput, InputStream};
 use super::start_response::{lock, Reply, SharedReply, StartResponse};
 
 /// One app with what every request of it shares.
@@ -22,6 +22,8 @@ pub struct WsgiApp {
     /// logging.Logger "uringserve.access" when access logging is on.
     pub access_log: Option<Py<PyAny>>,
     keys: KeyCache,
+    /// The wsgi.input of every request without a body.
+    empty_input: Py<PyAny>,
 }
 
 impl WsgiApp {
@@ -50,6 +52,7 @@ impl WsgiApp {
             error_log,
             access_log,
             keys: KeyCache::default(),
+            empty_input: Bound::new(py, EmptyInput)?.into_any().unbind(),
         })
     }
 
@@ -79,14 +82,17 @@ impl WsgiApp {
     ) {
         let start = lock_io(io).produced();
         let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
-        let input = InputStream::new(io.clone(), transport.clone());
-        let outcome = Bound::new(py, input)
-            .and_then(|input| self.run(py, io, req, &input, peer, &reply).map(|()| input));
-        let failed = match outcome {
-            Ok(input) => {
+        let outcome = if req.has_body() {
+            Bound::new(py, InputStream::new(io.clone(), transport.clone())).and_then(|input| {
+                let result = self.run(py, io, req, input.as_any(), peer, &reply);
                 input.get().finish();
-                false
-            }
+                result
+            })
+        } else {
+            self.run(py, io, req, self.empty_input.bind(py), peer, &reply)
+        };
+        let failed = match outcome {
+            Ok(()) => false,
             Err(err) => {
                 self.log_app_error(
                     py,
@@ -138,7 +144,7 @@ impl WsgiApp {
         py: Python<'_>,
         io: &SharedIo,
         req: &Request,
-        input: &Bound<'_, InputStream>,
+        input: &Bound<'_, PyAny>,
         peer: &Peer,
         reply: &SharedReply,
     ) -> PyResult<()> {
@@ -148,7 +154,7 @@ impl WsgiApp {
             &self.keys,
             req,
             peer,
-            input.clone().into_any(),
+            input.clone(),
         )?;
         let start_response = Bound::new(py, StartResponse::new(reply.clone()))?;
         let iterable = self.app.bind(py).call1((environ, start_response))?;

@@ -118,6 +118,40 @@ impl Body {
     }
 }
 
+/// wsgi.input for a request without a body: one shared, stateless object, so a GET costs
+/// no stream of its own.
+#[pyclass(module = "uringserve._uringserve", frozen)]
+pub struct EmptyInput;
+
+#[pymethods]
+impl EmptyInput {
+    #[pyo3(signature = (size = None))]
+    fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> Bound<'py, PyBytes> {
+        let _ = size;
+        PyBytes::new(py, b"")
+    }
+
+    #[pyo3(signature = (size = None))]
+    fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> Bound<'py, PyBytes> {
+        let _ = size;
+        PyBytes::new(py, b"")
+    }
+
+    #[pyo3(signature = (hint = None))]
+    fn readlines<'py>(&self, py: Python<'py>, hint: Option<isize>) -> Bound<'py, PyList> {
+        let _ = hint;
+        PyList::empty(py)
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self) -> Option<Py<PyBytes>> {
+        None
+    }
+}
+
 #[pyclass(module = "uringserve._uringserve", frozen)]
 pub struct InputStream {
     body: Mutex<Body>,
