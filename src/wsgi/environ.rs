@@ -37,6 +37,21 @@ pub fn template<'py>(py: Python<'py>, info: &ServerInfo) -> PyResult<Bound<'py, 
     d.set_item("SERVER_NAME", &info.server_name)?;
     d.set_item("SERVER_PORT", info.server_port.to_string())?;
     d.set_item("SERVER_SOFTWARE", &info.software)?;
+    // Every request sets these; placeholders in the template make each copy big enough up
+    // front, so filling it in does not resize the dict (build() overwrites them all).
+    for key in [
+        "REQUEST_METHOD",
+        "PATH_INFO",
+        "QUERY_STRING",
+        "RAW_URI",
+        "REQUEST_URI",
+        "SERVER_PROTOCOL",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "wsgi.input",
+    ] {
+        d.set_item(PyString::intern(py, key), py.None())?;
+    }
     Ok(d)
 }
 
