@@ -9,7 +9,7 @@ TEST_DEPS = maturin pytest trustme ruff mypy typing_extensions flask django requ
 FUZZ_CASES ?= 1000000
 NATIVE_SRC = $(wildcard src/*.rs src/**/*.rs) Cargo.toml pyproject.toml
 
-.PHONY: help run capabilities test test-rust test-python fuzz develop lint bench clean
+.PHONY: help run capabilities test test-rust test-python fuzz develop lint bench bench-quick bench-limit clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -58,9 +58,17 @@ lint: develop ## rustfmt, clippy -D warnings, ruff, stubtest
 	$(VENV)/bin/ruff format --check python tests benches
 	$(PY) -m mypy.stubtest uringserve._uringserve
 
-bench: develop ## HTTP load vs bjoern and granian (~5 min; BENCH_ARGS=--quick for a smoke run)
+# The script installs its own tools (apt-get: wrk, perf, strace, gcc, liburing-dev, libev-dev),
+# the peers into benches/.venv, and builds the C responder; results go to benches/results/.
+bench: develop ## HTTP load: uringserve vs bjoern, granian, gunicorn and the io_uring C limit (~13 min)
 	$(PY) benches/http_bench.py $(BENCH_ARGS)
+
+bench-quick: develop ## smoke run of the same benchmark (2 s per run; results in *_quick.*)
+	$(PY) benches/http_bench.py --quick $(BENCH_ARGS)
+
+bench-limit: ## build the raw io_uring C responder, benches/limit/uring_limit
+	$(SYS_PYTHON) benches/http_bench.py --build-limit
 
 clean: ## remove build products and the venv
 	cargo clean
-	rm -rf $(VENV) benches/.venv
+	rm -rf $(VENV) benches/.venv benches/limit/uring_limit
