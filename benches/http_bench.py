@@ -2002,7 +2002,7 @@ def render_chart(json_path: Path, png_path: Path) -> None:
                 ax.bar(xs, users, color=[colors[s] for s in names], hatch=hatches)
                 ax.bar(
                     xs,
-                    [v - u for v, u in zip(values, users)],
+                    [v - u for v, u in zip(values, users, strict=True)],
                     bottom=users,
                     color=[colors[s] for s in names],
                     alpha=0.45,
@@ -2010,14 +2010,14 @@ def render_chart(json_path: Path, png_path: Path) -> None:
                 )
             else:
                 ax.bar(xs, values, color=[colors[s] for s in names], hatch=hatches)
-            for x, v in zip(xs, values):
+            for x, v in zip(xs, values, strict=True):
                 ax.text(x, 0, f" {_short(v)}", ha="center", va="bottom", rotation=90, fontsize=6)
             # A slow outlier (gunicorn) would flatten every other bar: clip it and label it.
             positive = sorted(v for v in values if v > 0)
             if len(positive) >= 3 and positive[-1] > 4 * positive[len(positive) // 2]:
                 top = 4 * positive[len(positive) // 2]
                 ax.set_ylim(0, top * 1.1)
-                for x, v in zip(xs, values):
+                for x, v in zip(xs, values, strict=True):
                     if v > top:
                         ax.text(x, top * 1.02, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
             ax.set_xticks([])
