@@ -56,7 +56,9 @@ struct Core {
     queue: Vec<i32>,
     /// Closed connections whose fds wait for their final CQEs before close().
     unclosed: Vec<CancelTicket>,
-    stop: bool,
+    /// The wake socket got a byte (a shutdown request, or a signal through Python's wakeup fd):
+    /// the loop returns to Python to ask whether to stop.
+    woken: bool,
     torn_down: bool,
     /// Times the loop took the GIL to run sessions: once per batch of ready connections.
     gil_batches: u64,
@@ -126,7 +128,7 @@ impl Core {
     fn on_recv(&mut self, done: Completion) -> RingResult<()> {
         let Some(conn) = self.conns.get_mut(done.fd) else {
             if done.fd == self.wake {
-                self.stop = true;
+                self.woken = true;
             }
             if let Some(bid) = done.buf_id {
                 self.hp.release_buffer(bid.into())?;
@@ -191,7 +193,7 @@ impl Core {
     /// (EINTR) just ends the wait: the caller runs Python's handlers after every pass.
     fn wait(&mut self) -> RingResult<()> {
         self.deliver()?;
-        if !self.queue.is_empty() || self.stop {
+        if !self.queue.is_empty() || self.woken {
             return Ok(());
         }
         if let Err(e) = self.hp.enter(1, None) {
@@ -318,11 +320,11 @@ pub struct UringServer {
 }
 
 impl UringServer {
-    fn run(&self, py: Python<'_>) -> PyResult<()> {
+    fn run(&self, py: Python<'_>, stopping: &Bound<'_, PyAny>) -> PyResult<()> {
         let app = self.app.get().app();
         let mut batch = Vec::new();
         loop {
-            let stop = py.detach(|| -> RingResult<_> {
+            let woken = py.detach(|| -> RingResult<_> {
                 let mut core = lock(&self.core);
                 core.wait()?;
                 core.take_batch(&mut batch)?;
@@ -330,7 +332,7 @@ impl UringServer {
                     core.gil_batches += 1;
                     core.batched_conns += batch.len() as u64;
                 }
-                Ok(core.stop)
+                Ok(std::mem::take(&mut core.woken))
             })?;
             // Every pass, not only after EINTR: a signal that lands while this thread is out
             // of the kernel interrupts nothing, and its Python handler must still run.
@@ -363,7 +365,7 @@ impl UringServer {
                     }
                 }
             }
-            if stop {
+            if woken && stopping.call0()?.is_truthy()? {
                 return Ok(());
             }
         }
@@ -394,7 +396,7 @@ impl UringServer {
             conns: FdMap::default(),
             queue: Vec::new(),
             unclosed: Vec::new(),
-            stop: false,
+            woken: false,
             torn_down: false,
             gil_batches: 0,
             batched_conns: 0,
@@ -412,9 +414,10 @@ impl UringServer {
         })
     }
 
-    /// Serves until the wake socket receives a byte, then closes every connection and the
-    /// ring. Must run on the thread that created the server; it can run once.
-    fn serve(&self, py: Python<'_>) -> PyResult<()> {
+    /// Serves until `stopping()` is true after the wake socket received a byte, then closes
+    /// every connection and the ring. Must run on the thread that created the server; it can
+    /// run once.
+    fn serve(&self, py: Python<'_>, stopping: &Bound<'_, PyAny>) -> PyResult<()> {
         self.owner.check()?;
         {
             let mut core = lock(&self.core);
@@ -425,7 +428,7 @@ impl UringServer {
             core.hp.submit_accept_multishot(self.listener)?;
             core.hp.submit_recv_multishot(wake)?;
         }
-        let served = self.run(py);
+        let served = self.run(py, stopping);
         let confirmed = py.detach(|| lock(&self.core).stop_serving());
         served?;
         if !confirmed {

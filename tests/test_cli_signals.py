@@ -89,3 +89,22 @@ def test_signal_under_load_stops_the_server(backend: str, signum: int, delay: fl
             proc.wait()
         for c in clients:
             c.join(5)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("after_request", [False, True])
+def test_signal_while_idle_stops_the_server(backend: str, signum: int, after_request: bool) -> None:
+    """Idle, the loop waits in the kernel; the signal must wake it (Python's wakeup fd)."""
+    for _ in range(5):
+        proc, port = start_cli(backend)
+        try:
+            if after_request:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    Reader(s).read_response()
+            proc.send_signal(signum)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -149,7 +149,7 @@ def test_server_created_on_one_thread_refuses_to_serve_on_another() -> None:
 
         def serve_elsewhere() -> None:
             try:
-                native.serve()
+                native.serve(lambda: True)
             except BaseException as exc:
                 failures.append(exc)
 

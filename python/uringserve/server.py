@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -107,9 +108,18 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve on this thread until shutdown(); rings are created here, on this thread."""
-        self._stop.clear()
+        # _stop is not cleared here: a shutdown() that came first (say, from a signal during
+        # start-up) must still stop this run. It is cleared when the run ends.
         self._stopped.clear()
         self._serving_thread = threading.get_ident()
+        # On the main thread, every signal also writes a byte to the wake socket, so a loop
+        # waiting in the kernel wakes and runs the handler (it may call shutdown()) at once.
+        on_main = threading.current_thread() is threading.main_thread()
+        old_wakeup = (
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            if on_main
+            else None
+        )
         try:
             app = self._wsgi_app()
             error_log.info(self.startup_line())
@@ -126,7 +136,7 @@ class Server:
                     buf_size=c.buf_size,
                 )
                 try:
-                    native.serve()
+                    native.serve(self._stop.is_set)
                 finally:
                     self.ring_stats = native.stats()
             else:
@@ -134,6 +144,9 @@ class Server:
 
                 serve_epoll(self.socket, app, self._wake_r, self._stop.is_set)
         finally:
+            if old_wakeup is not None:
+                signal.set_wakeup_fd(old_wakeup)
+            self._stop.clear()
             self._stopped.set()
 
     def shutdown(self, wait: bool = True) -> None:
