@@ -334,6 +334,8 @@ impl Hotpath {
                 return Ok(());
             }
             let Some(job) = state.send_queue.as_mut().and_then(|q| q.pop_front()) else {
+                // Drained: give the queue's memory back rather than keep it per connection.
+                state.send_queue = None;
                 return Ok(());
             };
             if job.data.is_empty() {
@@ -414,7 +416,14 @@ impl Hotpath {
 
     pub fn submit_send(&mut self, fd: i32, data: Vec<u8>) -> RingResult<()> {
         self.check_healthy()?;
-        self.state(fd)
+        let state = self.state(fd);
+        let idle = state.send_slot.is_none() && state.send_queue.is_none();
+        if idle && !data.is_empty() {
+            // The usual case, one response at a time: straight to the ring, no queue.
+            let generation = state.generation;
+            return self.push_send_job(fd, generation, SendJob { data, sent: 0 });
+        }
+        state
             .send_queue
             .get_or_insert_with(Default::default)
             .push_back(SendJob { data, sent: 0 });
@@ -790,6 +799,13 @@ impl Hotpath {
         if self.spare.len() < SPARE_BUFFERS && data.capacity() <= SPARE_MAX_CAPACITY {
             data.clear();
             self.spare.push(data);
+        }
+    }
+
+    /// Returns an unused buffer from `spare_buffer` to the pool.
+    pub fn give_back(&mut self, data: Vec<u8>) {
+        if data.capacity() > 0 {
+            self.recycle(data);
         }
     }
 

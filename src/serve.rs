@@ -339,6 +339,19 @@ impl UringServer {
             py.check_signals()?;
             for (fd, session) in batch.drain(..) {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+                {
+                    // Output goes into a recycled buffer, lent for this turn only, so an idle
+                    // connection holds none.
+                    let mut core = lock(&self.core);
+                    let spare = core.hp.spare_buffer();
+                    let mut io = lock_io(&session.io);
+                    if io.out.capacity() == 0 {
+                        io.out = spare;
+                    } else {
+                        drop(io);
+                        core.hp.give_back(spare);
+                    }
+                }
                 session.advance(py, app, &self.transport);
                 let closing = session.closing();
                 drop(session);
@@ -350,9 +363,11 @@ impl UringServer {
                 let out = {
                     let mut io = lock_io(&conn.io);
                     if io.out.is_empty() {
+                        let unused = std::mem::take(&mut io.out);
+                        core.hp.give_back(unused);
                         None
                     } else {
-                        Some(io.swap_out(core.hp.spare_buffer()))
+                        Some(io.swap_out(Vec::new()))
                     }
                 };
                 if let Some(out) = out {

@@ -94,11 +94,29 @@ fn cgi_name(name: &str) -> Option<String> {
 #[derive(Default)]
 pub struct KeyCache {
     keys: Mutex<HashMap<String, Option<Py<PyString>>>>,
+    /// Peer addresses as str, shared by their connections instead of one copy each.
+    addrs: Mutex<HashMap<IpAddr, Py<PyString>>>,
 }
 
 const KEY_CACHE_MAX: usize = 512;
+const ADDR_CACHE_MAX: usize = 4096;
 
 impl KeyCache {
+    fn addr<'py>(&self, py: Python<'py>, host: &PeerHost) -> Bound<'py, PyString> {
+        let PeerHost::Ip(ip) = host else {
+            return PyString::new(py, &host.to_string());
+        };
+        let mut addrs = self.addrs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = addrs.get(ip) {
+            return s.bind(py).clone();
+        }
+        let s = PyString::new(py, &ip.to_string());
+        if addrs.len() < ADDR_CACHE_MAX {
+            addrs.insert(*ip, s.clone().unbind());
+        }
+        s
+    }
+
     fn key<'py>(&self, py: Python<'py>, name: &str) -> Option<Bound<'py, PyString>> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(key) = keys.get(name) {
@@ -128,11 +146,12 @@ impl fmt::Display for PeerHost {
     }
 }
 
-/// The peer of a connection, with its environ strings made once per connection.
+/// The peer of a connection; its port string is made once per connection, its address
+/// string comes from the server-wide [`KeyCache`] (most connections share a few addresses).
 pub struct Peer {
     pub host: PeerHost,
     pub port: u16,
-    strings: OnceLock<(Py<PyString>, Py<PyString>)>,
+    port_str: OnceLock<Py<PyString>>,
 }
 
 impl Peer {
@@ -140,18 +159,15 @@ impl Peer {
         Peer {
             host,
             port,
-            strings: OnceLock::new(),
+            port_str: OnceLock::new(),
         }
     }
 
-    fn strings<'py>(&self, py: Python<'py>) -> (Bound<'py, PyString>, Bound<'py, PyString>) {
-        let (host, port) = self.strings.get_or_init(|| {
-            (
-                PyString::new(py, &self.host.to_string()).unbind(),
-                PyString::new(py, &self.port.to_string()).unbind(),
-            )
-        });
-        (host.bind(py).clone(), port.bind(py).clone())
+    fn port_str<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        self.port_str
+            .get_or_init(|| PyString::new(py, &self.port.to_string()).unbind())
+            .bind(py)
+            .clone()
     }
 }
 
@@ -194,9 +210,8 @@ pub fn build<'py>(
         Version::Http10 => intern!(py, "HTTP/1.0"),
     };
     env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
-    let (host, port) = peer.strings(py);
-    env.set_item(intern!(py, "REMOTE_ADDR"), host)?;
-    env.set_item(intern!(py, "REMOTE_PORT"), port)?;
+    env.set_item(intern!(py, "REMOTE_ADDR"), keys.addr(py, &peer.host))?;
+    env.set_item(intern!(py, "REMOTE_PORT"), peer.port_str(py))?;
     env.set_item(intern!(py, "wsgi.input"), input)?;
     for (name, value) in &req.headers {
         let Some(key) = keys.key(py, name) else {
