@@ -10,6 +10,7 @@ use io_uring::types::Timespec;
 use crate::bufring::{BufRing, MAX_BUFS};
 use crate::errors::{errno_name, RingError, RingResult};
 use crate::fdmap::FdMap;
+use crate::slab::Slab;
 use crate::uring::{close_fd, Cqe, Uring, MAX_ENTRIES};
 
 /// How long a multishot accept that ended on EMFILE/ENFILE waits before it is re-armed.
@@ -108,8 +109,7 @@ pub struct Counters {
 pub struct Hotpath {
     pub uring: Uring,
     bufs: Option<BufRing>,
-    ops: Vec<Option<Op>>,
-    free_slots: Vec<u32>,
+    ops: Slab<Op>,
     fds: FdMap<FdState>,
     next_generation: u32,
     starved: VecDeque<i32>,
@@ -123,8 +123,7 @@ pub struct Hotpath {
     /// Buffers of completed sends, cleared, for the next ones.
     spare: Vec<Vec<u8>>,
     /// The jobs of sends in flight, indexed by their op's `send`; a slab with a free list.
-    send_jobs: Vec<Option<SendJob>>,
-    free_send_jobs: Vec<u32>,
+    send_jobs: Slab<SendJob>,
 }
 
 const SPARE_BUFFERS: usize = 256;
@@ -162,8 +161,7 @@ impl Hotpath {
         Ok(Hotpath {
             uring,
             bufs: Some(bufs),
-            ops: Vec::new(),
-            free_slots: Vec::new(),
+            ops: Slab::default(),
             fds: FdMap::default(),
             next_generation: 0,
             starved: VecDeque::new(),
@@ -173,8 +171,7 @@ impl Hotpath {
             unhealthy: None,
             accept_retry_pause: Box::new(Timespec::from(ACCEPT_RETRY_PAUSE)),
             spare: Vec::new(),
-            send_jobs: Vec::new(),
-            free_send_jobs: Vec::new(),
+            send_jobs: Slab::default(),
         })
     }
 
@@ -231,37 +228,8 @@ impl Hotpath {
 
     // ---- slots and fd state -------------------------------------------------------------
 
-    fn new_slot(&mut self, op: Op) -> u32 {
-        match self.free_slots.pop() {
-            Some(slot) => {
-                self.ops[slot as usize] = Some(op);
-                slot
-            }
-            None => {
-                self.ops.push(Some(op));
-                (self.ops.len() - 1) as u32
-            }
-        }
-    }
-
-    fn take_send_job(&mut self, index: u32) -> Option<SendJob> {
-        let job = self.send_jobs.get_mut(index as usize)?.take();
-        if job.is_some() {
-            self.free_send_jobs.push(index);
-        }
-        job
-    }
-
-    fn free_slot(&mut self, slot: u32) -> Option<Op> {
-        let op = self.ops.get_mut(slot as usize)?.take();
-        if op.is_some() {
-            self.free_slots.push(slot);
-        }
-        op
-    }
-
     pub fn ops_in_flight(&self) -> usize {
-        self.ops.iter().filter(|o| o.is_some()).count()
+        self.ops.len()
     }
 
     fn state(&mut self, fd: i32) -> &mut FdState {
@@ -294,28 +262,28 @@ impl Hotpath {
 
     // ---- arming -------------------------------------------------------------------------
 
-    /// Takes a slot for a new op on `fd`'s current generation.
-    fn new_op(&mut self, kind: OpKind, fd: i32, send: Option<u32>) -> u32 {
+    /// Registers an op that carries no send data; its slot is the SQE's user_data.
+    fn new_op(&mut self, kind: OpKind, fd: i32) -> u32 {
         let generation = self.state(fd).generation;
-        self.new_slot(Op {
+        self.ops.insert(Op {
             tag: OpTag {
                 kind,
                 fd,
                 generation,
             },
-            send,
+            send: None,
         })
     }
 
     fn arm_accept(&mut self, fd: i32) -> RingResult<()> {
-        let slot = self.new_op(OpKind::Accept, fd, None);
+        let slot = self.new_op(OpKind::Accept, fd);
         self.state(fd).accept_slot = Some(slot);
         let res = self.uring.push_accept_multishot(fd, slot as u64);
         self.pushed(res)
     }
 
     fn arm_recv(&mut self, fd: i32) -> RingResult<()> {
-        let slot = self.new_op(OpKind::Recv, fd, None);
+        let slot = self.new_op(OpKind::Recv, fd);
         let state = self.state(fd);
         state.recv_slot = Some(slot);
         state.recv_starved = false;
@@ -357,17 +325,8 @@ impl Hotpath {
     fn push_send_job(&mut self, fd: i32, generation: u32, job: SendJob) -> RingResult<()> {
         let remaining = job.data.len() - job.sent;
         let len = remaining.min(u32::MAX as usize) as u32;
-        let index = match self.free_send_jobs.pop() {
-            Some(i) => {
-                self.send_jobs[i as usize] = Some(job);
-                i
-            }
-            None => {
-                self.send_jobs.push(Some(job));
-                (self.send_jobs.len() - 1) as u32
-            }
-        };
-        let slot = self.new_slot(Op {
+        let index = self.send_jobs.insert(job);
+        let slot = self.ops.insert(Op {
             tag: OpTag {
                 kind: OpKind::Send,
                 fd,
@@ -378,11 +337,9 @@ impl Hotpath {
         if let Some(state) = self.current(fd, generation) {
             state.send_slot = Some(slot);
         }
-        let job = self.send_jobs[index as usize]
-            .as_ref()
-            .expect("just stored");
+        let job = self.send_jobs.get(index).expect("just stored");
         // SAFETY: the bytes live in the heap buffer of the job's Vec, held in `send_jobs`
-        // until the op's final CQE (take_send_job runs only on that CQE, and teardown leaks
+        // until the op's final CQE (it is removed only on that CQE, and teardown leaks
         // the jobs whose final CQE it could not confirm). Growing `send_jobs` moves the Vec
         // header, never its buffer.
         let ptr = unsafe { job.data.as_ptr().add(job.sent) };
@@ -488,7 +445,7 @@ impl Hotpath {
             self.pushed(res)?;
         }
         if let Some(slot) = state.accept_slot {
-            if matches!(&self.ops[slot as usize], Some(op) if op.tag.kind == OpKind::AcceptRetry) {
+            if matches!(self.ops.get(slot), Some(op) if op.tag.kind == OpKind::AcceptRetry) {
                 // A pause timer is not bound to the fd: cancel it by its user_data.
                 let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
                 self.pushed(res)?;
@@ -504,7 +461,7 @@ impl Hotpath {
     /// True once every op named by the ticket has posted its final CQE.
     pub fn cancel_done(&self, ticket: &CancelTicket) -> bool {
         ticket.slots.iter().all(|&slot| {
-            !matches!(self.ops.get(slot as usize), Some(Some(op))
+            !matches!(self.ops.get(slot), Some(op)
                 if op.tag.fd == ticket.fd && op.tag.generation == ticket.generation)
         })
     }
@@ -586,13 +543,13 @@ impl Hotpath {
         let more = cqe.more();
         // A multishot CQE with F_MORE leaves its op armed; the final one frees the slot.
         let (op, send) = if more {
-            match self.ops.get(slot as usize).and_then(|o| o.as_ref()) {
+            match self.ops.get(slot) {
                 Some(op) => (op.tag, None),
                 None => return Ok(()),
             }
         } else {
-            match self.free_slot(slot) {
-                Some(op) => (op.tag, op.send.and_then(|i| self.take_send_job(i))),
+            match self.ops.remove(slot) {
+                Some(op) => (op.tag, op.send.and_then(|i| self.send_jobs.remove(i))),
                 None => return Ok(()),
             }
         };
@@ -657,7 +614,7 @@ impl Hotpath {
     }
 
     fn arm_accept_retry(&mut self, fd: i32) -> RingResult<()> {
-        let slot = self.new_op(OpKind::AcceptRetry, fd, None);
+        let slot = self.new_op(OpKind::AcceptRetry, fd);
         self.state(fd).accept_slot = Some(slot);
         let ts: *const Timespec = &*self.accept_retry_pause;
         // SAFETY: the kernel copies the timespec when it takes the SQE, and the box lives as
@@ -794,18 +751,13 @@ impl Hotpath {
         self.pump_send(op.fd)
     }
 
-    /// Keeps a sent buffer for reuse, so a steady stream of responses stops allocating.
-    fn recycle(&mut self, mut data: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS && data.capacity() <= SPARE_MAX_CAPACITY {
+    /// Keeps a buffer (sent, or lent and unused) for reuse, so a steady stream of responses
+    /// stops allocating.
+    pub fn recycle(&mut self, mut data: Vec<u8>) {
+        let worth_keeping = (1..=SPARE_MAX_CAPACITY).contains(&data.capacity());
+        if worth_keeping && self.spare.len() < SPARE_BUFFERS {
             data.clear();
             self.spare.push(data);
-        }
-    }
-
-    /// Returns an unused buffer from `spare_buffer` to the pool.
-    pub fn give_back(&mut self, data: Vec<u8>) {
-        if data.capacity() > 0 {
-            self.recycle(data);
         }
     }
 
@@ -839,14 +791,8 @@ impl Hotpath {
             drop(bufs);
         } else {
             bufs.leak();
-            self.leak_send_jobs();
-        }
-    }
-
-    /// Forgets the bytes of sends whose final CQE never came: the kernel may still read them.
-    fn leak_send_jobs(&mut self) {
-        for job in self.send_jobs.drain(..) {
-            std::mem::forget(job);
+            // The kernel may still read the bytes of sends whose final CQE never came.
+            self.send_jobs.leak();
         }
     }
 
@@ -856,7 +802,7 @@ impl Hotpath {
         if let Some(bufs) = self.bufs.take() {
             bufs.leak();
         }
-        self.leak_send_jobs();
+        self.send_jobs.leak();
     }
 }
 

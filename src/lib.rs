@@ -14,6 +14,7 @@ mod pyargs;
 mod ring;
 mod serve;
 mod session;
+mod slab;
 pub mod transport;
 pub mod uring;
 pub mod wsgi;

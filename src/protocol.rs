@@ -137,7 +137,7 @@ impl HttpProtocol {
         session.advance(py, self.app.get().app(), &self.transport);
         let mut io = lock_io(&session.io);
         let bytes = PyBytes::new(py, &io.out);
-        io.take_out();
+        io.clear_out();
         bytes
     }
 }

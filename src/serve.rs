@@ -16,15 +16,16 @@ use crate::http::Limits;
 use crate::owner::Owner;
 use crate::protocol::PyWsgiApp;
 use crate::pyargs::fd_of;
-use crate::session::Session;
+use crate::session::{Session, OUT_HIGH_WATER};
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr};
 use crate::wsgi::environ::{Peer, PeerHost};
 
 /// How long the app may wait for the next bytes of a request body before its read fails.
 const BODY_WAIT: Duration = Duration::from_secs(30);
-/// While this much response data waits to be sent to a peer, its further requests wait.
-const SEND_HIGH_WATER: u32 = 1 << 20;
+/// While this much response data waits to be sent to a peer, its further requests wait: the
+/// session's own high-water mark, applied to what the ring has not sent yet.
+const SEND_HIGH_WATER: u32 = OUT_HIGH_WATER as u32;
 /// A peer that sends this much more while not reading its responses is cut off.
 const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
@@ -68,6 +69,13 @@ struct Core {
 
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn queue_send(hp: &mut Hotpath, fd: i32, conn: &mut Conn, out: Vec<u8>) -> RingResult<()> {
+    conn.sends_in_flight += 1;
+    let len = u32::try_from(out.len()).unwrap_or(u32::MAX);
+    conn.unsent = conn.unsent.saturating_add(len);
+    hp.submit_send(fd, out)
 }
 
 fn mark(queue: &mut Vec<i32>, fd: i32, conn: &mut Conn) {
@@ -167,11 +175,27 @@ impl Core {
     }
 
     fn send(&mut self, fd: i32, out: Vec<u8>) -> RingResult<()> {
-        if let Some(conn) = self.conns.get_mut(fd) {
-            conn.sends_in_flight += 1;
-            let len = u32::try_from(out.len()).unwrap_or(u32::MAX);
-            conn.unsent = conn.unsent.saturating_add(len);
-            self.hp.submit_send(fd, out)?;
+        match self.conns.get_mut(fd) {
+            Some(conn) => queue_send(&mut self.hp, fd, conn, out),
+            None => Ok(()),
+        }
+    }
+
+    /// After a session's turn: sends what it produced (the lent buffer goes back to the pool
+    /// if it stayed empty) and closes the connection if it is over and nothing is in flight.
+    fn finish_turn(&mut self, fd: i32, closing: bool) -> RingResult<()> {
+        let Some(conn) = self.conns.get_mut(fd) else {
+            return Ok(());
+        };
+        conn.closing = closing;
+        let out = lock_io(&conn.io).take_out();
+        if out.is_empty() {
+            self.hp.recycle(out);
+        } else {
+            queue_send(&mut self.hp, fd, conn, out)?;
+        }
+        if closing && conn.sends_in_flight == 0 {
+            self.close(fd)?;
         }
         Ok(())
     }
@@ -218,6 +242,13 @@ impl Core {
                 // Back-pressure: answer nothing more until the peer reads what it was sent;
                 // the send completion that drains it queues the connection again.
             } else {
+                // Output goes into a recycled buffer lent for this turn only, so an idle
+                // connection holds none.
+                let mut io = lock_io(&conn.io);
+                if io.out.capacity() == 0 {
+                    io.out = self.hp.spare_buffer();
+                }
+                drop(io);
                 batch.push((fd, conn.session.clone()));
             }
         }
@@ -339,46 +370,10 @@ impl UringServer {
             py.check_signals()?;
             for (fd, session) in batch.drain(..) {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                {
-                    // Output goes into a recycled buffer, lent for this turn only, so an idle
-                    // connection holds none.
-                    let mut core = lock(&self.core);
-                    let spare = core.hp.spare_buffer();
-                    let mut io = lock_io(&session.io);
-                    if io.out.capacity() == 0 {
-                        io.out = spare;
-                    } else {
-                        drop(io);
-                        core.hp.give_back(spare);
-                    }
-                }
                 session.advance(py, app, &self.transport);
                 let closing = session.closing();
                 drop(session);
-                let mut core = lock(&self.core);
-                let core = &mut *core;
-                let Some(conn) = core.conns.get_mut(fd) else {
-                    continue;
-                };
-                let out = {
-                    let mut io = lock_io(&conn.io);
-                    if io.out.is_empty() {
-                        let unused = std::mem::take(&mut io.out);
-                        core.hp.give_back(unused);
-                        None
-                    } else {
-                        Some(io.swap_out(Vec::new()))
-                    }
-                };
-                if let Some(out) = out {
-                    core.send(fd, out)?;
-                }
-                if let Some(conn) = core.conns.get_mut(fd) {
-                    conn.closing = closing;
-                    if closing && conn.sends_in_flight == 0 {
-                        core.close(fd)?;
-                    }
-                }
+                lock(&self.core).finish_turn(fd, closing)?;
             }
             if woken && stopping.call0()?.is_truthy()? {
                 return Ok(());

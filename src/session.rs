@@ -12,7 +12,7 @@ use crate::wsgi::app::WsgiApp;
 use crate::wsgi::environ::Peer;
 
 /// Past this much unsent output, buffered pipelined requests wait until the peer reads.
-const OUT_HIGH_WATER: usize = 1 << 20;
+pub const OUT_HIGH_WATER: usize = 1 << 20;
 
 /// A request body the app never read is drained up to this much; past it, the connection closes.
 const DRAIN_LIMIT: u64 = 64 * 1024;

@@ -36,18 +36,18 @@ impl ConnIo {
         self.flushed + self.out.len() as u64
     }
 
-    /// Takes the pending output for sending, leaving `spare` (an empty buffer) in its place.
-    pub fn swap_out(&mut self, spare: Vec<u8>) -> Vec<u8> {
-        let out = std::mem::replace(&mut self.out, spare);
-        self.flushed += out.len() as u64;
-        out
-    }
-
-    /// Takes the pending output for sending ahead of what comes next.
+    /// Takes the pending output for sending.
     pub fn take_out(&mut self) -> Vec<u8> {
         let out = std::mem::take(&mut self.out);
         self.flushed += out.len() as u64;
         out
+    }
+
+    /// Marks the pending output as handed over (copied out by the caller), keeping the
+    /// buffer's memory for the next response.
+    pub fn clear_out(&mut self) {
+        self.flushed += self.out.len() as u64;
+        self.out.clear();
     }
 }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import select
 import selectors
 import socket
-import time
 from collections.abc import Callable
 
 from ._uringserve import HttpProtocol, WsgiApp
@@ -17,6 +16,15 @@ HIGH_WATER = 1 << 20
 ACCEPT_BATCH = 64
 # How long the app may wait for the next bytes of a request body (as on the io_uring loop).
 BODY_WAIT = 30.0
+
+
+def _send_some(sock: socket.socket, out: bytearray) -> None:
+    """Sends from the front of `out` until it is empty or the socket would block."""
+    try:
+        while out:
+            del out[: sock.send(out)]
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 class _Transport:
@@ -44,14 +52,10 @@ class _Transport:
 
     def send_now(self, data: bytes) -> None:
         self.out += data
-        deadline = time.monotonic() + BODY_WAIT
+        _send_some(self.sock, self.out)
         while self.out:
-            try:
-                del self.out[: self.sock.send(self.out)]
-            except (BlockingIOError, InterruptedError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the client does not read") from None
-                self._wait(select.POLLOUT)
+            self._wait(select.POLLOUT)
+            _send_some(self.sock, self.out)
 
 
 class _Conn:
@@ -90,11 +94,7 @@ def serve_epoll(
 
     def flush(conn: _Conn) -> bool:
         try:
-            while conn.out:
-                sent = conn.sock.send(conn.out)
-                del conn.out[:sent]
-        except BlockingIOError:
-            pass
+            _send_some(conn.sock, conn.out)
         except OSError:
             close(conn)
             return False

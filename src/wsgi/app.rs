@@ -91,8 +91,10 @@ impl WsgiApp {
         } else {
             self.run(py, io, req, self.empty_input.bind(py), peer, &reply)
         };
-        let failed = match outcome {
-            Ok(()) => false,
+        // None when the app succeeded; else the status sent for it. A body that broke its
+        // framing is the client's error (400, 413); anything else is the app's (500).
+        let failed: Option<u16> = match outcome {
+            Ok(()) => None,
             Err(err) => {
                 self.log_app_error(
                     py,
@@ -105,25 +107,21 @@ impl WsgiApp {
                     let keep = start.saturating_sub(io.flushed) as usize;
                     io.out.truncate(keep.min(io.out.len()));
                 }
-                // A body that broke its framing is answered with the client's error (400,
-                // 413); anything else is the app's (500). With the head already out,
-                // send_error writes nothing and only marks the connection for closing.
+                // With the head already out, send_error writes nothing and only marks the
+                // connection for closing.
                 let status = io.conn.failure().map_or(500, |e| e.status);
                 io.conn.send_error(status, &mut io.out);
-                true
+                Some(status)
             }
         };
         if let Some(access) = &self.access_log {
-            let code = if failed {
-                lock_io(io)
-                    .conn
-                    .failure()
-                    .map_or(500, |e| e.status)
-                    .to_string()
-            } else {
-                let reply = lock(&reply);
-                let status = reply.status.as_deref().unwrap_or("");
-                status.split(' ').next().unwrap_or("").to_owned()
+            let code = match failed {
+                Some(status) => status.to_string(),
+                None => {
+                    let reply = lock(&reply);
+                    let status = reply.status.as_deref().unwrap_or("");
+                    status.split(' ').next().unwrap_or("").to_owned()
+                }
             };
             let size = lock_io(io).produced().saturating_sub(start);
             let line = format!(
