@@ -76,6 +76,19 @@ def assert_nothing_to_read(sock: socket.socket) -> None:
         raise AssertionError(f"unexpected bytes waiting on the socket: {data[:64]!r}")
 
 
+def outcomes(calls: dict[str, Callable[[], object]]) -> dict[str, BaseException | None]:
+    """Runs each call; maps its name to what it raised, or None if it returned."""
+    outcome: dict[str, BaseException | None] = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except BaseException as exc:
+            outcome[name] = exc
+        else:
+            outcome[name] = None
+    return outcome
+
+
 class Background(Generic[T]):
     """Run a function on a daemon thread; join() re-raises its exception in the test."""
 

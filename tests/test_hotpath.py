@@ -27,6 +27,7 @@ from sockutil import (
     assert_nonblocking_cloexec,
     assert_nothing_to_read,
     connect,
+    outcomes,
     recv_exactly,
     run_in_child,
     run_while_blocked,
@@ -669,15 +670,7 @@ def test_use_from_another_thread_raises_wrong_thread(
             "wait_completions": lambda: ring.wait_completions(timeout=0.05),
             "cancel_fd": lambda: ring.cancel_fd(server),
         }
-        outcome: dict[str, BaseException | None] = {}
-        for name, call in calls.items():
-            try:
-                call()
-            except BaseException as exc:
-                outcome[name] = exc
-            else:
-                outcome[name] = None
-        return outcome
+        return outcomes(calls)
 
     outcome = Background(use_elsewhere).start().join(PROMPT * 2)
     for name, exc in outcome.items():

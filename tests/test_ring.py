@@ -17,6 +17,7 @@ from sockutil import (
     Resources,
     assert_nonblocking_cloexec,
     connect,
+    outcomes,
     recv_exactly,
     run_in_child,
     run_while_blocked,
@@ -237,19 +238,12 @@ def test_use_from_another_thread_raises_wrong_thread(
     fd, client = accepted_pair(ring, listener, resources)
 
     def use_elsewhere() -> dict[str, BaseException | None]:
-        outcome: dict[str, BaseException | None] = {}
-        calls = {
-            "accept": lambda: ring.accept(listener, timeout=SHORT_TIMEOUT),
-            "read": lambda: ring.read(fd, 16, timeout=SHORT_TIMEOUT),
-        }
-        for name, call in calls.items():
-            try:
-                call()
-            except BaseException as exc:
-                outcome[name] = exc
-            else:
-                outcome[name] = None
-        return outcome
+        return outcomes(
+            {
+                "accept": lambda: ring.accept(listener, timeout=SHORT_TIMEOUT),
+                "read": lambda: ring.read(fd, 16, timeout=SHORT_TIMEOUT),
+            }
+        )
 
     outcome = Background(use_elsewhere).start().join(PROMPT * 2)
     for name, exc in outcome.items():

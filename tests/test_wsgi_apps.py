@@ -275,56 +275,55 @@ def need_curl() -> str:
     return CURL
 
 
+def run_curl(args: list[str], timeout: float, stdin: bytes | None = None) -> bytes:
+    """Runs curl over HTTP/1.1 with a time limit; returns its stdout (the --write-out text)."""
+    cmd = [need_curl(), "--silent", "--show-error", "--http1.1", "--max-time", str(timeout)]
+    proc = subprocess.run(
+        [*cmd, *args], input=stdin, capture_output=True, timeout=timeout + 5, check=False
+    )
+    assert proc.returncode == 0, f"curl exited {proc.returncode}: {proc.stderr!r}"
+    return proc.stdout
+
+
 def curl(
     workdir: Path, url: str, *args: str, stdin: bytes | None = None, timeout: float = CURL_TIMEOUT
 ) -> CurlReply:
     """One transfer with the curl binary, headers and body kept apart."""
-    exe = need_curl()
     header_file, body_file = workdir / "curl-headers", workdir / "curl-body"
-    cmd = [
-        exe,
-        "--silent",
-        "--show-error",
-        "--http1.1",
-        "--max-time",
-        str(timeout),
-        "--dump-header",
-        str(header_file),
-        "--output",
-        str(body_file),
-        "--write-out",
-        "%{http_code}",
-        *args,
-        url,
-    ]
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout + 5, check=False)
-    assert proc.returncode == 0, f"curl exited {proc.returncode}: {proc.stderr!r}"
+    out = run_curl(
+        [
+            "--dump-header",
+            str(header_file),
+            "--output",
+            str(body_file),
+            "--write-out",
+            "%{http_code}",
+            *args,
+            url,
+        ],
+        timeout,
+        stdin,
+    )
     headers = _last_header_block(header_file.read_text("latin-1"))
-    return CurlReply(int(proc.stdout.decode()), headers, body_file.read_bytes())
+    return CurlReply(int(out.decode()), headers, body_file.read_bytes())
 
 
 def curl_reuses_connection(workdir: Path, url: str, timeout: float = CURL_TIMEOUT) -> list[str]:
     """Fetches url twice in one curl run; returns "status connects" per transfer."""
-    exe = need_curl()
-    cmd = [
-        exe,
-        "--silent",
-        "--show-error",
-        "--http1.1",
-        "--max-time",
-        str(timeout),
-        "--write-out",
-        "%{http_code} %{num_connects}\\n",
-        "--output",
-        str(workdir / "first"),
-        "--output",
-        str(workdir / "second"),
-        url,
-        url,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, check=False)
-    assert proc.returncode == 0, f"curl exited {proc.returncode}: {proc.stderr!r}"
-    return proc.stdout.decode().split("\n")[:2]
+    out = run_curl(
+        [
+            "--write-out",
+            "%{http_code} %{num_connects}\\n",
+            "--output",
+            str(workdir / "first"),
+            "--output",
+            str(workdir / "second"),
+            url,
+            url,
+        ],
+        timeout,
+    )
+    return out.decode().split("\n")[:2]
 
 
 # --- Flask --------------------------------------------------------------------------------------

@@ -19,22 +19,13 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
+# Native names are listed here whether or not the core imported: without it, reaching one
+# goes to __getattr__ below, which says why it is missing.
 __all__ = [
     "Capabilities",
-    "Config",
-    "Server",
-    "Unsupported",
-    "__version__",
-    "capabilities",
-    "hotpath_supported",
-    "resolve_policy",
-    "supported",
-]
-
-# Names served by the native core; kept in step with the import below and its __all__ entries.
-_NATIVE_NAMES = (
     "ClientDisconnected",
     "Completion",
+    "Config",
     "ForkedRingError",
     "HotpathRing",
     "InvalidBufferError",
@@ -43,9 +34,16 @@ _NATIVE_NAMES = (
     "RingClosedError",
     "RingSetupError",
     "RingUnhealthyError",
+    "Server",
+    "Unsupported",
     "UringError",
     "WrongThreadError",
-)
+    "__version__",
+    "capabilities",
+    "hotpath_supported",
+    "resolve_policy",
+    "supported",
+]
 
 try:
     from ._uringserve import (
@@ -68,7 +66,8 @@ except ImportError as _exc:
     _native_import_error: str | None = f"{type(_exc).__name__}: {_exc}"
 
     def __getattr__(name: str) -> object:
-        if name in _NATIVE_NAMES:
+        # Only names not bound in this module get here: the exported ones are the native ones.
+        if name in __all__:
             raise ImportError(
                 f"uringserve.{name} needs the native module uringserve._uringserve, "
                 f"which failed to import ({_native_import_error}); "
@@ -77,19 +76,5 @@ except ImportError as _exc:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 else:
     _native_import_error = None
-    __all__ += [
-        "ClientDisconnected",
-        "Completion",
-        "ForkedRingError",
-        "HotpathRing",
-        "InvalidBufferError",
-        "InvalidRequestBody",
-        "Ring",
-        "RingClosedError",
-        "RingSetupError",
-        "RingUnhealthyError",
-        "UringError",
-        "WrongThreadError",
-    ]
 
-from .server import Server  # noqa: E402  (needs the names above when imported)
+from .server import Server  # last: the module it lives in imports from this package
