@@ -118,9 +118,8 @@ def make_hotpath(resources: Resources) -> Callable[..., uringserve.HotpathRing]:
 @pytest.fixture(params=["on", "off"])
 def backend(request: pytest.FixtureRequest) -> str:
     """The Server's io_uring policy: every server test runs on both backends."""
-    if request.param == "on" and not uringserve.hotpath_supported():
-        reason = uringserve.capabilities().hotpath_reason
-        pytest.skip(f"io_uring hot path unsupported: {reason}")
+    if request.param == "on":
+        skip_unless_hotpath()
     return str(request.param)
 
 

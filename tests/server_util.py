@@ -16,6 +16,22 @@ DEFAULT_TIMEOUT = 5.0
 MAX_READ_ROUNDS = 100_000
 
 
+def get(path: str = "/", version: str = "HTTP/1.1", extra: str = "") -> bytes:
+    """A GET request head, with Host and any extra header lines (each ending in CRLF)."""
+    return f"GET {path} {version}\r\nHost: localhost\r\n{extra}\r\n".encode("latin-1")
+
+
+def hello_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body]
+
+
 class ServerThread:
     """A uringserve.Server serving in a daemon thread, stopped by stop()."""
 

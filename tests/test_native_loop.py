@@ -11,17 +11,9 @@ from typing import Any
 import pytest
 
 import uringserve
-from server_util import Reader, ServerThread
+from server_util import Reader, ServerThread, hello_app
 
-pytestmark = pytest.mark.skipif(
-    not uringserve.hotpath_supported(),
-    reason=f"io_uring hot path unsupported: {uringserve.capabilities().hotpath_reason}",
-)
-
-
-def hello_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"hello"]
+pytestmark = pytest.mark.needs_hotpath
 
 
 def test_pipelined_batch_costs_a_few_enters_not_one_per_request() -> None:

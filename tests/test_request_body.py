@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import uringserve
-from server_util import Reader, ServerThread, request, wait_until
+from server_util import Reader, ServerThread, echo_app, hello_app, request, wait_until
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -44,17 +44,6 @@ def digest_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
         total += len(piece)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [f"{total} {h.hexdigest()}".encode()]
-
-
-def echo_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
-    body = environ["wsgi.input"].read()
-    start_response("200 OK", [("Content-Type", "application/octet-stream")])
-    return [body]
-
-
-def hello_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"hello"]
 
 
 def test_app_starts_before_the_body_has_arrived(serve: Callable[..., ServerThread]) -> None:

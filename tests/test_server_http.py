@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from server_util import Reader, ServerThread, count_fds, request, wait_until
+from server_util import Reader, ServerThread, count_fds, echo_app, get, request, wait_until
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -22,16 +22,6 @@ def hello_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
 def path_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [environ["PATH_INFO"].encode("latin-1")]
-
-
-def echo_app(environ: Environ, start_response: StartResponse) -> list[bytes]:
-    body = environ["wsgi.input"].read()
-    start_response("200 OK", [("Content-Type", "application/octet-stream")])
-    return [body]
-
-
-def get(path: str = "/", version: str = "HTTP/1.1", extra: str = "") -> bytes:
-    return f"GET {path} {version}\r\nHost: localhost\r\n{extra}\r\n".encode("latin-1")
 
 
 def assert_closed(reader: Reader) -> None:

@@ -8,14 +8,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from server_util import Reader, ServerThread, request, wait_until
+from server_util import Reader, ServerThread, get, request, wait_until
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
-
-
-def get(path: str = "/") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
 def test_environ_wsgi_keys(serve: Callable[..., ServerThread]) -> None:
