@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import select
 import signal
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -158,6 +159,19 @@ def run_in_child(
         return code, b"".join(chunks).decode("utf-8", "replace")
     finally:
         os.close(rfd)
+
+
+def drop_in_child(box: list[Any]) -> None:
+    """Forks a child that frees the objects in `box` (their Drop runs there, on inherited
+    copies) and checks that it exited normally; the parent's objects are untouched."""
+
+    def drop_copy() -> str:
+        box.clear()
+        gc.collect()
+        return "dropped"
+
+    code, said = run_in_child(drop_copy, Exception)
+    assert code == CHILD_RETURNED, f"child exit code {code}: {said}"
 
 
 def wait_child(pid: int, timeout: float) -> int:

@@ -21,12 +21,12 @@ import uringserve
 from echo_server import EchoServer, Event, collect, recv_data, saw_eof
 from sockutil import (
     CHILD_RAISED_EXPECTED,
-    CHILD_RETURNED,
     Background,
     Resources,
     assert_nonblocking_cloexec,
     assert_nothing_to_read,
     connect,
+    drop_in_child,
     outcomes,
     recv_exactly,
     run_in_child,
@@ -713,14 +713,7 @@ def test_forked_child_dropping_its_copy_leaves_parent_ring_alone(
         box[0].submit_recv_multishot(server)
         assert box[0].wait_completions(min_complete=1, timeout=0.05) == []
 
-        def drop_copy() -> str:
-            # In the child, this frees the inherited ring object (its Drop runs there).
-            box.clear()
-            gc.collect()
-            return "dropped"
-
-        code, said = run_in_child(drop_copy, Exception)
-        assert code == CHILD_RETURNED, f"child exit code {code}: {said}"
+        drop_in_child(box)
         client.sendall(b"parent")
         events = collect(box[0], lambda ev: len(recv_data(ev, server.fileno())) >= 6, PROMPT)
         assert recv_data(events, server.fileno()) == b"parent"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import socket
 import time
 from collections.abc import Callable
@@ -12,11 +11,11 @@ import pytest
 import uringserve
 from sockutil import (
     CHILD_RAISED_EXPECTED,
-    CHILD_RETURNED,
     Background,
     Resources,
     assert_nonblocking_cloexec,
     connect,
+    drop_in_child,
     outcomes,
     recv_exactly,
     run_in_child,
@@ -280,14 +279,7 @@ def test_forked_child_dropping_its_copy_leaves_parent_ring_alone(
     try:
         fd, client = accepted_pair(box[0], listener, resources)
 
-        def drop_copy() -> str:
-            # In the child, this frees the inherited ring object (its Drop runs there).
-            box.clear()
-            gc.collect()
-            return "dropped"
-
-        code, said = run_in_child(drop_copy, Exception)
-        assert code == CHILD_RETURNED, f"child exit code {code}: {said}"
+        drop_in_child(box)
         client.sendall(b"parent")
         assert read_exactly(box[0], fd, 6) == b"parent"
     finally:
