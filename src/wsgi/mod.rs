@@ -1,5 +1,6 @@
 //! The WSGI bridge: the one place on the request path that touches Python objects.
 
+pub mod access_log;
 pub mod app;
 pub mod environ;
 pub mod file_wrapper;
