@@ -17,6 +17,11 @@ use crate::uring::{close_fd, Cqe, Uring, MAX_ENTRIES};
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// user_data of cancel requests: their own CQEs carry nothing we need.
 const UD_INTERNAL: u64 = u64::MAX;
+/// The ring timer is moved earlier only when it would fire later than this after the time
+/// asked for: a little lateness saves an update per new deadline.
+const TIMER_SLACK: Duration = Duration::from_millis(10);
+/// Never arm the timer shorter than this: a deadline due now has just been handled.
+const TIMER_MIN: Duration = Duration::from_millis(1);
 pub const MIN_BUF_SIZE: u32 = 64;
 pub const MAX_BUF_SIZE: u32 = 16 << 20;
 
@@ -27,6 +32,8 @@ pub enum OpKind {
     AcceptRetry,
     Recv,
     Send,
+    /// The ring's one timer (see `set_timer`); its CQEs stay inside the engine.
+    Timer,
 }
 
 impl OpKind {
@@ -35,6 +42,7 @@ impl OpKind {
             OpKind::Accept | OpKind::AcceptRetry => "accept",
             OpKind::Recv => "recv",
             OpKind::Send => "send",
+            OpKind::Timer => "timer",
         }
     }
 }
@@ -87,6 +95,8 @@ struct FdState {
     recv_slot: Option<u32>,
     /// The recv ended with ENOBUFS and waits for buffers to come back.
     recv_starved: bool,
+    /// Accepting is paused (a connection cap): the accept is cancelled and not re-armed.
+    accept_paused: bool,
     send_slot: Option<u32>,
     /// Sends waiting for the one in flight; boxed, since most fds never queue one and an
     /// inline VecDeque would cost every idle connection 32 bytes.
@@ -120,6 +130,12 @@ pub struct Hotpath {
     unhealthy: Option<String>,
     /// The one pause every accept retry points its timeout SQE at.
     accept_retry_pause: Box<Timespec>,
+    /// The armed ring timer's op slot and when it fires.
+    timer: Option<(u32, Instant)>,
+    /// What the timer's SQE points at; rewritten only while no timer is armed.
+    timer_ts: Box<Timespec>,
+    /// What a timer update's SQE points at.
+    timer_update_ts: Box<Timespec>,
     /// Buffers of completed sends, cleared, for the next ones.
     spare: Vec<Vec<u8>>,
     /// The jobs of sends in flight, indexed by their op's `send`; a slab with a free list.
@@ -170,6 +186,9 @@ impl Hotpath {
             counters: Counters::default(),
             unhealthy: None,
             accept_retry_pause: Box::new(Timespec::from(ACCEPT_RETRY_PAUSE)),
+            timer: None,
+            timer_ts: Box::new(Timespec::new()),
+            timer_update_ts: Box::new(Timespec::new()),
             spare: Vec::new(),
             send_jobs: Slab::default(),
         })
@@ -241,6 +260,7 @@ impl Hotpath {
                 accept_slot: None,
                 recv_slot: None,
                 recv_starved: false,
+                accept_paused: false,
                 send_slot: None,
                 send_queue: None,
             }
@@ -385,6 +405,70 @@ impl Hotpath {
             .get_or_insert_with(Default::default)
             .push_back(SendJob { data, sent: 0 });
         self.pump_send(fd)
+    }
+
+    /// Pauses or resumes accepting on listener `fd`. Paused, its accept is cancelled and not
+    /// re-armed, so new peers wait in the kernel's backlog; connections the kernel accepted
+    /// before the cancel took effect still complete. Resumed, it is armed again (at once, or
+    /// when the cancelled one's final CQE comes).
+    pub fn set_accepting(&mut self, fd: i32, on: bool) -> RingResult<()> {
+        self.check_healthy()?;
+        let state = self.state(fd);
+        state.accept_paused = !on;
+        match (on, state.accept_slot) {
+            (false, Some(slot)) => {
+                let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
+                self.pushed(res)
+            }
+            (true, None) => {
+                self.counters.accept_rearms += 1;
+                self.arm_accept(fd)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the ring's one timer fire by `at` (give or take TIMER_SLACK), so that a wait in
+    /// the kernel ends when the earliest deadline comes. A timer that fires early only wakes
+    /// the caller, which asks again; None leaves an armed timer to run out harmlessly.
+    pub fn set_timer(&mut self, at: Option<Instant>) -> RingResult<()> {
+        let Some(at) = at else {
+            return Ok(());
+        };
+        self.check_healthy()?;
+        let after = at.saturating_duration_since(Instant::now()).max(TIMER_MIN);
+        match self.timer {
+            Some((_, armed)) if armed <= at + TIMER_SLACK => Ok(()),
+            Some((slot, _)) => {
+                self.timer = Some((slot, at));
+                *self.timer_update_ts = Timespec::from(after);
+                let ts: *const Timespec = &*self.timer_update_ts;
+                // SAFETY: the kernel copies the timespec when it takes the SQE, and the box
+                // lives as long as this engine and its ring. Rewriting it before an earlier
+                // update was taken only makes that update carry the newer deadline, which is
+                // the one wanted.
+                let res = unsafe { self.uring.push_timeout_update(slot as u64, ts, UD_INTERNAL) };
+                self.pushed(res)
+            }
+            None => {
+                let slot = self.ops.insert(Op {
+                    tag: OpTag {
+                        kind: OpKind::Timer,
+                        fd: -1,
+                        generation: 0,
+                    },
+                    send: None,
+                });
+                self.timer = Some((slot, at));
+                *self.timer_ts = Timespec::from(after);
+                let ts: *const Timespec = &*self.timer_ts;
+                // SAFETY: the kernel copies the timespec when it takes the SQE; the box lives
+                // as long as this engine and its ring, and is rewritten only once no timer is
+                // armed, that is after this one's CQE, so after the kernel took its SQE.
+                let res = unsafe { self.uring.push_timeout(ts, slot as u64) };
+                self.pushed(res)
+            }
+        }
     }
 
     // ---- buffers ------------------------------------------------------------------------
@@ -553,8 +637,16 @@ impl Hotpath {
                 None => return Ok(()),
             }
         };
+        if op.kind == OpKind::Timer {
+            // Not bound to any fd. Fired, cancelled or not, it is over: the next wait re-arms.
+            if matches!(self.timer, Some((armed, _)) if armed == slot) {
+                self.timer = None;
+            }
+            return Ok(());
+        }
         let stale = self.current(op.fd, op.generation).is_none();
         match op.kind {
+            OpKind::Timer => Ok(()),
             OpKind::Accept => self.on_accept(op, slot, cqe, stale),
             OpKind::AcceptRetry => self.on_accept_retry(op, slot, stale),
             OpKind::Recv => self.on_recv(op, slot, cqe, stale),
@@ -578,16 +670,18 @@ impl Hotpath {
         }
         let mut rearm = false;
         if !more {
+            let mut paused = false;
             if let Some(state) = self.current(op.fd, op.generation) {
                 if state.accept_slot == Some(slot) {
                     state.accept_slot = None;
                 }
+                paused = state.accept_paused;
             }
-            // Errors that say the listener is gone or unusable end it; EMFILE and the like do not.
-            rearm = !matches!(
-                -cqe.result,
-                libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::ECANCELED
-            ) && self.unhealthy.is_none();
+            // Errors that say the listener is gone or unusable end it; EMFILE and the like do
+            // not. A cancel of a listener still known came from a pause: re-armed if resumed.
+            rearm = !matches!(-cqe.result, libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
+                && !paused
+                && self.unhealthy.is_none();
         }
         if cqe.result != -libc::ECANCELED {
             self.ready.push_back(Completion {
@@ -634,7 +728,8 @@ impl Hotpath {
             return Ok(());
         }
         state.accept_slot = None;
-        if self.unhealthy.is_some() {
+        let paused = state.accept_paused;
+        if self.unhealthy.is_some() || paused {
             return Ok(());
         }
         self.arm_accept(op.fd)

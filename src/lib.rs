@@ -1,6 +1,7 @@
 //! The `uringserve._uringserve` extension module: wiring only.
 
 pub mod bufring;
+mod deadline;
 pub mod errors;
 mod fdmap;
 pub mod hotpath;

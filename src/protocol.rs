@@ -7,6 +7,7 @@ use pyo3::exceptions::{PyOSError, PyTimeoutError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::deadline::{Phase, Timer};
 use crate::errors::BodyError;
 use crate::http::Limits;
 use crate::session::Session;
@@ -126,9 +127,23 @@ pub struct HttpProtocol {
     app: Py<PyWsgiApp>,
     transport: Arc<dyn Transport>,
     session: Mutex<Session>,
+    /// Which timeout the connection is under; the loop keeps the deadlines themselves.
+    phase: Mutex<Phase>,
+}
+
+fn timer_name(timer: Timer) -> &'static str {
+    match timer {
+        Timer::Keep => "keep",
+        Timer::Stop => "stop",
+        Timer::Start(kind) => kind.name(),
+    }
 }
 
 impl HttpProtocol {
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn session(&self) -> MutexGuard<'_, Session> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -153,7 +168,23 @@ impl HttpProtocol {
             app,
             transport,
             session: Mutex::new(Session::new(io, peer)),
+            phase: Mutex::new(Phase::opened().0),
         }
+    }
+
+    /// Which deadline applies after feed(), feed_eof() or resume(): "header", "keep_alive"
+    /// or "body" to start that timeout afresh, "keep" to leave the running one, "stop" for
+    /// none. `unsent` says response bytes still wait to be sent. A new connection is under
+    /// "header" from its accept.
+    fn timer(&self, unsent: bool) -> &'static str {
+        let awaiting = self.session().awaiting();
+        timer_name(self.phase().after_turn(awaiting, unsent))
+    }
+
+    /// Everything returned so far has been sent: "keep_alive" if the connection now idles,
+    /// else "keep".
+    fn flushed(&self) -> &'static str {
+        timer_name(self.phase().flushed())
     }
 
     /// Feeds bytes from the peer; returns the bytes to send back (possibly empty).

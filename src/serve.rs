@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::deadline::{Deadlines, Kind, Phase, Timeouts, Timer};
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::fdmap::FdMap;
 use crate::hotpath::{CancelTicket, Completion, Hotpath, OpKind};
@@ -21,8 +22,6 @@ use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr};
 use crate::wsgi::environ::{Peer, PeerHost};
 
-/// How long the app may wait for the next bytes of a request body before its read fails.
-const BODY_WAIT: Duration = Duration::from_secs(30);
 /// While this much response data waits to be sent to a peer, its further requests wait: the
 /// session's own high-water mark, applied to what the ring has not sent yet.
 const SEND_HIGH_WATER: u32 = OUT_HIGH_WATER as u32;
@@ -44,6 +43,19 @@ struct Conn {
     /// The session is over; the fd closes once its sends complete.
     closing: bool,
     queued: bool,
+    /// Which timeout the connection is under (its deadline lives in `Core::timers`).
+    phase: Phase,
+    /// Its deadline passed while input waited to be handled: the next turn decides.
+    overdue: bool,
+}
+
+/// The per-worker connection cap: past it the listener's accept is cancelled, so new peers
+/// wait in the kernel's backlog until connections drop.
+struct ConnCap {
+    listener: i32,
+    max: usize,
+    paused: bool,
+    pauses: u64,
 }
 
 /// Everything the loop and the app's body reads share. Its lock is never held while Python
@@ -65,6 +77,11 @@ struct Core {
     gil_batches: u64,
     /// Connections the batches ran, summed.
     batched_conns: u64,
+    /// Header, keep-alive and body deadlines; one ring timer is armed for the earliest.
+    timers: Deadlines,
+    /// Connections closed by each timeout (header, keep-alive, body).
+    timed_out: [u64; 3],
+    cap: ConnCap,
 }
 
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
@@ -94,8 +111,9 @@ impl Core {
                 OpKind::Accept if done.result >= 0 => self.open(done.result)?,
                 OpKind::Recv => self.on_recv(done)?,
                 OpKind::Send => self.on_send(done),
-                // Accept errors are re-armed (or paused on EMFILE) by the engine.
-                OpKind::Accept | OpKind::AcceptRetry => {}
+                // Accept errors are re-armed (or paused on EMFILE) by the engine; the timer
+                // only wakes the wait.
+                OpKind::Accept | OpKind::AcceptRetry | OpKind::Timer => {}
             }
         }
         let hp = &self.hp;
@@ -116,6 +134,7 @@ impl Core {
             _ => (PeerHost::Name("".into()), 0),
         };
         let io = ConnIo::shared(self.limits, fd);
+        let (phase, timer) = Phase::opened();
         let session = Session::new(io.clone(), Peer::new(host, port));
         self.conns.insert(
             fd,
@@ -128,8 +147,12 @@ impl Core {
                 broken: None,
                 closing: false,
                 queued: false,
+                phase,
+                overdue: false,
             },
         );
+        self.timers.apply(fd as u32, timer, Instant::now());
+        self.regulate_accepts()?;
         self.hp.submit_recv_multishot(fd)
     }
 
@@ -169,6 +192,10 @@ impl Core {
             conn.unsent = conn.unsent.saturating_sub(done.result as u32);
         }
         let unblocked = was_blocked && conn.unsent <= SEND_HIGH_WATER;
+        if conn.unsent == 0 && conn.sends_in_flight == 0 && !conn.closing {
+            let timer = conn.phase.flushed();
+            self.timers.apply(done.fd as u32, timer, Instant::now());
+        }
         if conn.broken.is_some() || unblocked || (conn.closing && conn.sends_in_flight == 0) {
             mark(&mut self.queue, done.fd, conn);
         }
@@ -204,6 +231,8 @@ impl Core {
     /// its number cannot be reused while the kernel still holds them.
     fn close(&mut self, fd: i32) -> RingResult<()> {
         self.conns.remove(fd);
+        self.timers.stop(fd as u32);
+        self.regulate_accepts()?;
         let ticket = self.hp.begin_cancel_fd(fd)?;
         if self.hp.cancel_done(&ticket) {
             close_fd(fd);
@@ -217,13 +246,68 @@ impl Core {
     /// (EINTR) just ends the wait: the caller runs Python's handlers after every pass.
     fn wait(&mut self) -> RingResult<()> {
         self.deliver()?;
+        self.expire()?;
         if !self.queue.is_empty() || self.woken {
             return Ok(());
         }
+        self.hp.set_timer(self.timers.next_due())?;
         if let Err(e) = self.hp.enter(1, None) {
             self.hp.enter_failed(e)?;
         }
-        self.deliver()
+        self.deliver()?;
+        self.expire()
+    }
+
+    /// Closes the connections whose deadline passed. One with input still to handle is only
+    /// marked: the loop may have been slow, not the peer, so its turn decides.
+    fn expire(&mut self) -> RingResult<()> {
+        if self.timers.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        while let Some((fd, kind)) = self.timers.pop_expired(now) {
+            let fd = fd as i32;
+            match self.conns.get_mut(fd) {
+                Some(conn) if conn.queued => conn.overdue = true,
+                Some(_) => {
+                    self.timed_out[kind.index()] += 1;
+                    self.close(fd)?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// After a session's turn: which timeout the connection is under now. One whose
+    /// deadline passed during the wait for its turn is closed if the turn kept it waiting
+    /// for the same thing.
+    fn retime(&mut self, fd: i32, awaiting: crate::deadline::Awaiting) -> RingResult<()> {
+        let Some(conn) = self.conns.get_mut(fd) else {
+            return Ok(());
+        };
+        let was = conn.phase.kind();
+        let timer = conn.phase.after_turn(awaiting, conn.unsent > 0);
+        let overdue = std::mem::take(&mut conn.overdue);
+        if overdue && timer == Timer::Keep {
+            if let Some(kind) = was {
+                self.timed_out[kind.index()] += 1;
+            }
+            return self.close(fd);
+        }
+        self.timers.apply(fd as u32, timer, Instant::now());
+        Ok(())
+    }
+
+    /// Pauses accepting at the connection cap and resumes below it.
+    fn regulate_accepts(&mut self) -> RingResult<()> {
+        let full = self.conns.len() >= self.cap.max;
+        if full == self.cap.paused || self.torn_down {
+            return Ok(());
+        }
+        self.cap.paused = full;
+        self.cap.pauses += u64::from(full);
+        self.hp.set_accepting(self.cap.listener, !full)
     }
 
     /// The queued connections' sessions; broken ones are closed here instead.
@@ -268,7 +352,8 @@ impl Core {
         let Some(start) = self.conn_of(fd, io).map(|c| c.received) else {
             return Err(BodyError::Disconnected(None));
         };
-        let deadline = Instant::now() + BODY_WAIT;
+        let wait = self.timers.timeouts().body;
+        let deadline = Instant::now() + wait;
         loop {
             self.deliver()?;
             match self.conn_of(fd, io) {
@@ -279,7 +364,7 @@ impl Core {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(BodyError::TimedOut(BODY_WAIT));
+                return Err(BodyError::TimedOut(wait));
             }
             if let Err(e) = self.hp.enter(1, Some(left)) {
                 self.hp.enter_failed(e)?;
@@ -308,6 +393,19 @@ impl Core {
             }
         }
         confirmed
+    }
+}
+
+/// A timeout option in seconds, as a Duration: positive and finite.
+fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+    if value.is_finite() && value > 0.0 {
+        Duration::try_from_secs_f64(value)
+            .map_err(|e| RingError::InvalidArgument(format!("{name} = {value}: {e}")).into())
+    } else {
+        Err(RingError::InvalidArgument(format!(
+            "{name} must be a positive number of seconds, not {value}"
+        ))
+        .into())
     }
 }
 
@@ -372,8 +470,11 @@ impl UringServer {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
                 session.advance(py, app, &self.transport);
                 let closing = session.closing();
+                let awaiting = session.awaiting();
                 drop(session);
-                lock(&self.core).finish_turn(fd, closing)?;
+                let mut core = lock(&self.core);
+                core.finish_turn(fd, closing)?;
+                core.retime(fd, awaiting)?;
             }
             if woken && stopping.call0()?.is_truthy()? {
                 return Ok(());
@@ -385,7 +486,12 @@ impl UringServer {
 #[pymethods]
 impl UringServer {
     #[new]
-    #[pyo3(signature = (app, listener, wake, *, queue_depth = 1024, n_bufs = 512, buf_size = 8192))]
+    #[pyo3(signature = (
+        app, listener, wake, *, queue_depth = 1024, n_bufs = 512, buf_size = 8192,
+        header_timeout = 10.0, keep_alive_timeout = 5.0, body_timeout = 30.0,
+        max_connections = 1000
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         app: Py<PyWsgiApp>,
         listener: &Bound<'_, PyAny>,
@@ -393,9 +499,23 @@ impl UringServer {
         queue_depth: u32,
         n_bufs: u32,
         buf_size: u32,
+        header_timeout: f64,
+        keep_alive_timeout: f64,
+        body_timeout: f64,
+        max_connections: usize,
     ) -> PyResult<Self> {
         let listener = fd_of(listener)?;
         let wake = fd_of(wake)?;
+        let timeouts = Timeouts {
+            header: seconds("header_timeout", header_timeout)?,
+            keep_alive: seconds("keep_alive_timeout", keep_alive_timeout)?,
+            body: seconds("body_timeout", body_timeout)?,
+        };
+        if max_connections == 0 {
+            return Err(
+                RingError::InvalidArgument("max_connections must be at least 1".into()).into(),
+            );
+        }
         let hp = Hotpath::new(queue_depth, n_bufs, buf_size)?;
         let setup_flags = hp.uring.report.flags.clone();
         let limits = app.get().limits();
@@ -410,6 +530,14 @@ impl UringServer {
             torn_down: false,
             gil_batches: 0,
             batched_conns: 0,
+            timers: Deadlines::new(timeouts),
+            timed_out: [0; 3],
+            cap: ConnCap {
+                listener,
+                max: max_connections,
+                paused: false,
+                pauses: 0,
+            },
         }));
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
             core: Arc::downgrade(&core),
@@ -465,6 +593,12 @@ impl UringServer {
         d.set_item("connections", core.conns.len())?;
         d.set_item("gil_batches", core.gil_batches)?;
         d.set_item("batched_connections", core.batched_conns)?;
+        for kind in [Kind::Header, Kind::KeepAlive, Kind::Body] {
+            let key = format!("{}_timeouts", kind.name());
+            d.set_item(key, core.timed_out[kind.index()])?;
+        }
+        d.set_item("accept_pauses", core.cap.pauses)?;
+        d.set_item("timed_connections", core.timers.len())?;
         Ok(d)
     }
 }

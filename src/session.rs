@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
+use crate::deadline::Awaiting;
 use crate::http::{Drain, Event};
 use crate::transport::{lock_io, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
@@ -25,6 +26,9 @@ pub struct Session {
     closing: bool,
     /// The last advance stopped for back-pressure with requests still buffered.
     held_back: bool,
+    /// Request heads received so far (wrapping): the loops' timeouts tell one idle spell
+    /// from the next by it.
+    requests: u32,
 }
 
 impl Session {
@@ -35,6 +39,21 @@ impl Session {
             draining: false,
             closing: false,
             held_back: false,
+            requests: 0,
+        }
+    }
+
+    /// What the connection waits for from its peer now that a turn is over.
+    pub fn awaiting(&self) -> Awaiting {
+        if self.closing || self.held_back {
+            Awaiting::Nothing
+        } else if self.draining {
+            Awaiting::Body
+        } else {
+            Awaiting::Head {
+                requests: self.requests,
+                buffered: lock_io(&self.io).conn.buffered() > 0,
+            }
         }
     }
 
@@ -84,6 +103,7 @@ impl Session {
             match io.conn.next_event() {
                 Event::Request(req) => {
                     drop(guard);
+                    self.requests = self.requests.wrapping_add(1);
                     app.respond(py, &self.io, transport, &req, &self.peer);
                     self.draining = true;
                     // Nothing more will be read, so there is nothing to drain either.

@@ -234,6 +234,23 @@ impl Uring {
         unsafe { self.push(&entry) }
     }
 
+    /// Pushes an update of the armed timeout `target` to fire `*ts` from now.
+    ///
+    /// # Safety
+    /// `ts` must stay valid until the update's CQE is reaped.
+    pub unsafe fn push_timeout_update(
+        &mut self,
+        target: u64,
+        ts: *const Timespec,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let entry = opcode::TimeoutUpdate::new(target, ts)
+            .build()
+            .user_data(user_data);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.push(&entry) }
+    }
+
     pub fn push_cancel_fd(&mut self, fd: i32, user_data: u64) -> io::Result<()> {
         let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
             .build()

@@ -1,7 +1,7 @@
 """Type stubs for the native io_uring core (written by hand; checked by stubtest)."""
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Protocol, final
+from typing import Final, Literal, Protocol, final
 
 from typing_extensions import Buffer, Self
 
@@ -161,6 +161,8 @@ class HttpProtocol:
     def feed(self, data: bytes) -> bytes: ...
     def feed_eof(self) -> bytes: ...
     def resume(self) -> bytes: ...
+    def timer(self, unsent: bool) -> Literal["keep", "stop", "header", "keep_alive", "body"]: ...
+    def flushed(self) -> Literal["keep", "keep_alive"]: ...
     @property
     def held_back(self) -> bool: ...
     @property
@@ -179,6 +181,10 @@ class UringServer:
         queue_depth: int = 1024,
         n_bufs: int = 512,
         buf_size: int = 8192,
+        header_timeout: float = 10.0,
+        keep_alive_timeout: float = 5.0,
+        body_timeout: float = 30.0,
+        max_connections: int = 1000,
     ) -> Self: ...
     def serve(self, stopping: Callable[[], bool]) -> None: ...
     @property

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import LOG_LEVELS, Config, options_from_env, parse_bind
+from .config import LIMIT_OPTIONS, LOG_LEVELS, Config, options_from_env, parse_bind
 from .policy import Unsupported, capabilities
 
 if TYPE_CHECKING:
@@ -49,7 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--access-log", action=argparse.BooleanOptionalAction, default=None, help="access log"
     )
-    p.add_argument("--max-body-size", type=int, help="largest request body in bytes")
+    limits = p.add_argument_group("timeouts and limits (defaults in the README)")
+    for name, kind, text in (
+        ("max_body_size", int, "largest request body in bytes"),
+        ("max_request_line", int, "longest request line in bytes"),
+        ("max_header_bytes", int, "largest request header section in bytes"),
+        ("max_headers", int, "most header lines in a request"),
+        ("max_connections", int, "open connections per worker; past it, accepting pauses"),
+        ("header_timeout", float, "seconds to receive a whole request head"),
+        ("keep_alive_timeout", float, "seconds an idle connection stays open"),
+        ("body_timeout", float, "seconds without request body bytes before giving up"),
+    ):
+        limits.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     p.add_argument(
         "--capabilities", action="store_true", help="print the io_uring capability report and exit"
     )
@@ -77,7 +88,7 @@ def build_config(args: argparse.Namespace) -> Config:
         "backlog": args.backlog,
         "log_level": args.log_level,
         "access_log": args.access_log,
-        "max_body_size": args.max_body_size,
+        **{name: getattr(args, name) for name in LIMIT_OPTIONS},
     }
     if args.bind:
         cli.update(parse_bind(args.bind))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -9,6 +10,17 @@ from typing import Any
 
 ENV_PREFIX = "URINGSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# The limits and timeouts, each a --dashed-name CLI option and a URINGSERVE_ env var.
+LIMIT_OPTIONS = (
+    "max_body_size",
+    "max_request_line",
+    "max_header_bytes",
+    "max_headers",
+    "max_connections",
+    "header_timeout",
+    "keep_alive_timeout",
+    "body_timeout",
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,11 @@ class Config:
     max_request_line: int = 8 * 1024
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
+    # Timeouts in seconds and the per-worker connection cap (see README, "Timeouts and limits").
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    body_timeout: float = 30.0
+    max_connections: int = 1000
     queue_depth: int = 1024
     n_bufs: int = 512
     buf_size: int = 8192
@@ -36,9 +53,9 @@ class Config:
             raise ValueError(f"backlog must be at least 1, not {self.backlog}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-        for name in ("max_body_size", "max_request_line", "max_header_bytes", "max_headers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
+        for name in LIMIT_OPTIONS:
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, not {getattr(self, name)!r}")
 
     def with_options(self, **options: Any) -> Config:
         """A copy with the given options set; None values leave the default in place."""
@@ -58,12 +75,17 @@ def _coerce(name: str, kind: type, text: str) -> Any:
             return int(text)
         except ValueError:
             raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected a number") from None
     return text
 
 
 # Env vars carry text; each option's annotation says what to turn it into. Options of other
 # types (io_uring, read by the policy itself) have no env var of their own here.
-_PARSERS: dict[str, type] = {"int": int, "str": str, "bool": bool}
+_PARSERS: dict[str, type] = {"int": int, "str": str, "bool": bool, "float": float}
 
 
 def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -5,17 +5,17 @@ from __future__ import annotations
 import select
 import selectors
 import socket
+import time
 from collections.abc import Callable
 
 from ._uringserve import HttpProtocol, WsgiApp
+from .timeouts import Deadlines
 
 # Below glibc's mmap threshold: a bigger recv() buffer costs an mmap/munmap pair per read.
 READ_SIZE = 64 * 1024
 # Stop reading from a peer while this much response data waits to be sent to it.
 HIGH_WATER = 1 << 20
 ACCEPT_BATCH = 64
-# How long the app may wait for the next bytes of a request body (as on the io_uring loop).
-BODY_WAIT = 30.0
 
 
 def _send_some(sock: socket.socket, out: bytearray) -> None:
@@ -31,17 +31,19 @@ class _Transport:
     """What the app's wsgi.input uses while it runs: block on this one socket for body bytes,
     and send 100 Continue after any responses still queued ahead of it."""
 
-    __slots__ = ("out", "sock")
+    __slots__ = ("body_timeout", "out", "sock")
 
-    def __init__(self, sock: socket.socket, out: bytearray) -> None:
+    def __init__(self, sock: socket.socket, out: bytearray, body_timeout: float) -> None:
         self.sock = sock
         self.out = out
+        # How long the app may wait for the next bytes of a request body (or to send).
+        self.body_timeout = body_timeout
 
     def _wait(self, events: int) -> None:
         poller = select.poll()
         poller.register(self.sock, events)
-        if not poller.poll(BODY_WAIT * 1000):
-            raise TimeoutError(f"no progress on the connection for {BODY_WAIT:.0f} s")
+        if not poller.poll(self.body_timeout * 1000):
+            raise TimeoutError(f"no progress on the connection for {self.body_timeout:.1f} s")
 
     def pull(self) -> bytes:
         while True:
@@ -59,29 +61,89 @@ class _Transport:
 
 
 class _Conn:
-    __slots__ = ("out", "proto", "sock")
+    __slots__ = ("out", "overdue", "proto", "sock")
 
-    def __init__(self, sock: socket.socket, app: WsgiApp, peer: tuple[str, int]) -> None:
+    def __init__(
+        self, sock: socket.socket, app: WsgiApp, peer: tuple[str, int], body_timeout: float
+    ) -> None:
         self.sock = sock
         # Shared with the transport, so early sends queue behind what is already waiting.
         self.out = bytearray()
-        self.proto = HttpProtocol(app, peer[0], peer[1], _Transport(sock, self.out))
+        self.proto = HttpProtocol(app, peer[0], peer[1], _Transport(sock, self.out, body_timeout))
+        # Its deadline passed while its input waited to be handled: the next turn decides.
+        self.overdue = False
 
 
 def serve_epoll(
-    listener: socket.socket, app: WsgiApp, wake: socket.socket, stopping: Callable[[], bool]
+    listener: socket.socket,
+    app: WsgiApp,
+    wake: socket.socket,
+    stopping: Callable[[], bool],
+    *,
+    header_timeout: float = 10.0,
+    keep_alive_timeout: float = 5.0,
+    body_timeout: float = 30.0,
+    max_connections: int = 1000,
 ) -> None:
-    """Serve until stopping() is true after a wake-up; returns with every connection closed."""
+    """Serve until stopping() is true after a wake-up; returns with every connection closed.
+
+    Connections are closed when a request head takes longer than `header_timeout` (from the
+    accept, or from the first byte after an idle spell), when idle for `keep_alive_timeout`,
+    or when an unread request body stalls for `body_timeout`. Past `max_connections`, the
+    listener is not polled, so new peers wait in the kernel's backlog.
+    """
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ, None)
     sel.register(wake, selectors.EVENT_READ, None)
     conns: dict[int, _Conn] = {}
+    timers = Deadlines(header_timeout, keep_alive_timeout, body_timeout)
+    accepting = True
+
+    def regulate_accepts() -> None:
+        """Stops polling the listener at the connection cap, and resumes below it."""
+        nonlocal accepting
+        full = len(conns) >= max_connections
+        if full != accepting or stopping():
+            return
+        if full:
+            sel.unregister(listener)
+        else:
+            sel.register(listener, selectors.EVENT_READ, None)
+        accepting = not full
 
     def close(conn: _Conn) -> None:
         sel.unregister(conn.sock)
         del conns[conn.sock.fileno()]
         conn.sock.close()
+        timers.stop(conn)
+        regulate_accepts()
+
+    def retime(conn: _Conn, turned: bool) -> bool:
+        """Moves the connection's deadline after a turn (or a flush); False if it closed."""
+        now = time.monotonic()
+        timer = conn.proto.timer(bool(conn.out)) if turned else "keep"
+        if conn.overdue and timer == "keep":
+            close(conn)
+            return False
+        conn.overdue = False
+        timers.apply(conn, timer, now)
+        if not conn.out:
+            timers.apply(conn, conn.proto.flushed(), now)
+        return True
+
+    def expire(events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """Closes the connections whose deadline passed, except those with input waiting."""
+        now = time.monotonic()
+        due = timers.next_due()
+        if due is None or due > now:
+            return
+        ready = {key.data for key, _ in events}
+        for conn, _kind in list(timers.pop_expired(now)):
+            if conn in ready:
+                conn.overdue = True
+            elif conn.sock.fileno() in conns:
+                close(conn)
 
     def update(conn: _Conn) -> None:
         if conn.proto.closing and not conn.out:
@@ -112,7 +174,10 @@ def serve_epoll(
 
     try:
         while not stopping():
-            for key, mask in sel.select():
+            due = timers.next_due()
+            events = sel.select(None if due is None else max(0.0, due - time.monotonic()))
+            expire(events)
+            for key, mask in events:
                 if key.fileobj is wake:
                     wake.recv(64)
                     continue
@@ -125,11 +190,18 @@ def serve_epoll(
                         except OSError:
                             break  # EMFILE and the like: the backlog keeps the peer waiting
                         sock.setblocking(False)
-                        conn = _Conn(sock, app, (str(peer[0]), int(peer[1])))
+                        conn = _Conn(sock, app, (str(peer[0]), int(peer[1])), body_timeout)
                         conns[sock.fileno()] = conn
                         sel.register(sock, selectors.EVENT_READ, conn)
+                        timers.start(conn, "header", time.monotonic())
+                        if len(conns) >= max_connections:
+                            regulate_accepts()
+                            break
                     continue
                 conn = key.data
+                if conn.sock.fileno() not in conns:
+                    continue  # closed by expire() above
+                turned = conn.proto.held_back
                 if mask & selectors.EVENT_READ:
                     try:
                         data = conn.sock.recv(READ_SIZE)
@@ -140,7 +212,8 @@ def serve_epoll(
                         continue
                     if data is not None:
                         conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
-                if pump(conn):
+                        turned = True
+                if pump(conn) and retime(conn, turned):
                     update(conn)
     finally:
         for conn in list(conns.values()):

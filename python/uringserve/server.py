@@ -106,6 +106,16 @@ class Server:
             max_headers=c.max_headers,
         )
 
+    def _conn_limits(self) -> dict[str, Any]:
+        """The timeouts and the connection cap, as both loops take them."""
+        c = self.config
+        return {
+            "header_timeout": c.header_timeout,
+            "keep_alive_timeout": c.keep_alive_timeout,
+            "body_timeout": c.body_timeout,
+            "max_connections": c.max_connections,
+        }
+
     def serve_forever(self) -> None:
         """Serve on this thread until shutdown(); rings are created here, on this thread."""
         # _stop is not cleared here: a shutdown() that came first (say, from a signal during
@@ -134,6 +144,7 @@ class Server:
                     queue_depth=c.queue_depth,
                     n_bufs=c.n_bufs,
                     buf_size=c.buf_size,
+                    **self._conn_limits(),
                 )
                 try:
                     native.serve(self._stop.is_set)
@@ -142,7 +153,9 @@ class Server:
             else:
                 from .fallback import serve_epoll
 
-                serve_epoll(self.socket, app, self._wake_r, self._stop.is_set)
+                serve_epoll(
+                    self.socket, app, self._wake_r, self._stop.is_set, **self._conn_limits()
+                )
         finally:
             if old_wakeup is not None:
                 signal.set_wakeup_fd(old_wakeup)
