@@ -47,6 +47,17 @@ impl OpKind {
     }
 }
 
+/// How a listener accepts (see `Hotpath::set_accepting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepting {
+    /// Not at all: new peers wait in the kernel's backlog.
+    Paused,
+    /// One connection per arming, re-armed by the caller: never more than it allows.
+    One,
+    /// A multishot accept that the engine keeps armed: as many as come.
+    Many,
+}
+
 /// The ops a cancel_fd() waits for.
 pub struct CancelTicket {
     pub fd: i32,
@@ -95,8 +106,8 @@ struct FdState {
     recv_slot: Option<u32>,
     /// The recv ended with ENOBUFS and waits for buffers to come back.
     recv_starved: bool,
-    /// Accepting is paused (a connection cap): the accept is cancelled and not re-armed.
-    accept_paused: bool,
+    /// How this listener accepts; Many unless a connection cap says otherwise.
+    accept_mode: Accepting,
     send_slot: Option<u32>,
     /// Sends waiting for the one in flight; boxed, since most fds never queue one and an
     /// inline VecDeque would cost every idle connection 32 bytes.
@@ -260,7 +271,7 @@ impl Hotpath {
                 accept_slot: None,
                 recv_slot: None,
                 recv_starved: false,
-                accept_paused: false,
+                accept_mode: Accepting::Many,
                 send_slot: None,
                 send_queue: None,
             }
@@ -297,8 +308,14 @@ impl Hotpath {
 
     fn arm_accept(&mut self, fd: i32) -> RingResult<()> {
         let slot = self.new_op(OpKind::Accept, fd);
-        self.state(fd).accept_slot = Some(slot);
-        let res = self.uring.push_accept_multishot(fd, slot as u64);
+        let state = self.state(fd);
+        state.accept_slot = Some(slot);
+        let res = match state.accept_mode {
+            Accepting::One => self.uring.push_accept(fd, slot as u64),
+            Accepting::Many | Accepting::Paused => {
+                self.uring.push_accept_multishot(fd, slot as u64)
+            }
+        };
         self.pushed(res)
     }
 
@@ -407,25 +424,27 @@ impl Hotpath {
         self.pump_send(fd)
     }
 
-    /// Pauses or resumes accepting on listener `fd`. Paused, its accept is cancelled and not
-    /// re-armed, so new peers wait in the kernel's backlog; connections the kernel accepted
-    /// before the cancel took effect still complete. Resumed, it is armed again (at once, or
-    /// when the cancelled one's final CQE comes).
-    pub fn set_accepting(&mut self, fd: i32, on: bool) -> RingResult<()> {
+    /// Sets how listener `fd` accepts, arming an accept if none is armed and one is wanted.
+    /// Paused, the armed accept is cancelled, so new peers wait in the kernel's backlog
+    /// (connections the kernel accepted before the cancel took effect still complete). With
+    /// One, each accept takes one connection and the caller calls this again for the next,
+    /// so a connection cap is never overshot; a multishot accept still armed is cancelled and
+    /// replaced when its final CQE comes.
+    pub fn set_accepting(&mut self, fd: i32, mode: Accepting) -> RingResult<()> {
         self.check_healthy()?;
         let state = self.state(fd);
-        state.accept_paused = !on;
-        match (on, state.accept_slot) {
-            (false, Some(slot)) => {
-                let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
-                self.pushed(res)
+        let was = std::mem::replace(&mut state.accept_mode, mode);
+        let Some(slot) = state.accept_slot else {
+            if mode == Accepting::Paused {
+                return Ok(());
             }
-            (true, None) => {
-                self.counters.accept_rearms += 1;
-                self.arm_accept(fd)
-            }
-            _ => Ok(()),
+            return self.arm_accept(fd);
+        };
+        if mode == Accepting::Paused || (mode == Accepting::One && was == Accepting::Many) {
+            let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
+            return self.pushed(res);
         }
+        Ok(())
     }
 
     /// Makes the ring's one timer fire by `at` (give or take TIMER_SLACK), so that a wait in
@@ -670,17 +689,23 @@ impl Hotpath {
         }
         let mut rearm = false;
         if !more {
-            let mut paused = false;
+            let mut mode = Accepting::Many;
             if let Some(state) = self.current(op.fd, op.generation) {
                 if state.accept_slot == Some(slot) {
                     state.accept_slot = None;
                 }
-                paused = state.accept_paused;
+                mode = state.accept_mode;
             }
             // Errors that say the listener is gone or unusable end it; EMFILE and the like do
-            // not. A cancel of a listener still known came from a pause: re-armed if resumed.
-            rearm = !matches!(-cqe.result, libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
-                && !paused
+            // not. A cancel of a listener still known came from set_accepting: re-armed unless
+            // paused. One connection at a time, the caller re-arms after each success.
+            let wanted = match mode {
+                Accepting::Paused => false,
+                Accepting::One => cqe.result < 0,
+                Accepting::Many => true,
+            };
+            rearm = wanted
+                && !matches!(-cqe.result, libc::EBADF | libc::EINVAL | libc::ENOTSOCK)
                 && self.unhealthy.is_none();
         }
         if cqe.result != -libc::ECANCELED {
@@ -728,7 +753,7 @@ impl Hotpath {
             return Ok(());
         }
         state.accept_slot = None;
-        let paused = state.accept_paused;
+        let paused = state.accept_mode == Accepting::Paused;
         if self.unhealthy.is_some() || paused {
             return Ok(());
         }

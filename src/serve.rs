@@ -11,7 +11,7 @@ use pyo3::types::PyDict;
 use crate::deadline::{Deadlines, Kind, Phase, Timeouts, Timer};
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::fdmap::FdMap;
-use crate::hotpath::{CancelTicket, Completion, Hotpath, OpKind};
+use crate::hotpath::{Accepting, CancelTicket, Completion, Hotpath, OpKind};
 use crate::hotpath_py::stats_dict;
 use crate::http::Limits;
 use crate::owner::Owner;
@@ -25,6 +25,9 @@ use crate::wsgi::environ::{Peer, PeerHost};
 /// While this much response data waits to be sent to a peer, its further requests wait: the
 /// session's own high-water mark, applied to what the ring has not sent yet.
 const SEND_HIGH_WATER: u32 = OUT_HIGH_WATER as u32;
+/// Within this many connections of the cap, accepts take one connection at a time, so the
+/// cap holds exactly; further below it, one multishot accept takes as many as come.
+const ONE_AT_A_TIME_WITHIN: usize = 64;
 /// A peer that sends this much more while not reading its responses is cut off.
 const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
@@ -49,12 +52,13 @@ struct Conn {
     overdue: bool,
 }
 
-/// The per-worker connection cap: past it the listener's accept is cancelled, so new peers
+/// The per-worker connection cap: at it the listener's accept is cancelled, so new peers
 /// wait in the kernel's backlog until connections drop.
 struct ConnCap {
     listener: i32,
     max: usize,
-    paused: bool,
+    /// How the listener accepts now; Paused until serving starts.
+    mode: Accepting,
     pauses: u64,
 }
 
@@ -299,15 +303,25 @@ impl Core {
         Ok(())
     }
 
-    /// Pauses accepting at the connection cap and resumes below it.
+    /// Arms accepts to fit the connection cap: paused at it, one at a time near it.
     fn regulate_accepts(&mut self) -> RingResult<()> {
-        let full = self.conns.len() >= self.cap.max;
-        if full == self.cap.paused || self.torn_down {
+        if self.torn_down {
             return Ok(());
         }
-        self.cap.paused = full;
-        self.cap.pauses += u64::from(full);
-        self.hp.set_accepting(self.cap.listener, !full)
+        let mode = match self.cap.max.saturating_sub(self.conns.len()) {
+            0 => Accepting::Paused,
+            room if room <= ONE_AT_A_TIME_WITHIN => Accepting::One,
+            _ => Accepting::Many,
+        };
+        // One at a time is re-armed after every accept; the others only on a change.
+        if mode == self.cap.mode && mode != Accepting::One {
+            return Ok(());
+        }
+        if mode == Accepting::Paused {
+            self.cap.pauses += 1;
+        }
+        self.cap.mode = mode;
+        self.hp.set_accepting(self.cap.listener, mode)
     }
 
     /// The queued connections' sessions; broken ones are closed here instead.
@@ -443,7 +457,6 @@ pub struct UringServer {
     /// connection's ConnIo).
     transport: Arc<dyn Transport>,
     app: Py<PyWsgiApp>,
-    listener: i32,
     core: Arc<Mutex<Core>>,
     setup_flags: Vec<&'static str>,
 }
@@ -535,7 +548,7 @@ impl UringServer {
             cap: ConnCap {
                 listener,
                 max: max_connections,
-                paused: false,
+                mode: Accepting::Paused,
                 pauses: 0,
             },
         }));
@@ -546,7 +559,6 @@ impl UringServer {
             owner: Owner::current(),
             transport,
             app,
-            listener,
             core,
             setup_flags,
         })
@@ -563,7 +575,7 @@ impl UringServer {
                 return Err(RingError::Closed.into());
             }
             let wake = core.wake;
-            core.hp.submit_accept_multishot(self.listener)?;
+            core.regulate_accepts()?;
             core.hp.submit_recv_multishot(wake)?;
         }
         let served = self.run(py, stopping);
