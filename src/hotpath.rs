@@ -960,6 +960,74 @@ mod tests {
         }
     }
 
+    fn accepted(hp: &mut Hotpath, wait: Duration) -> Vec<i32> {
+        let done = next(hp, Instant::now() + wait);
+        done.iter()
+            .filter(|c| c.op == OpKind::Accept && c.result >= 0)
+            .map(|c| c.result)
+            .collect()
+    }
+
+    #[test]
+    fn one_timer_fires_by_the_earliest_deadline_asked_for() {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let start = Instant::now();
+        hp.set_timer(Some(start + Duration::from_secs(5))).unwrap();
+        // A later deadline changes nothing; an earlier one moves the same timer.
+        hp.set_timer(Some(start + Duration::from_secs(9))).unwrap();
+        hp.set_timer(Some(start + Duration::from_millis(50)))
+            .unwrap();
+        assert_eq!(hp.ops_in_flight(), 1);
+        let fired = hp
+            .drive_until(start + Duration::from_secs(3), |h| h.ops_in_flight() == 0)
+            .unwrap();
+        let elapsed = start.elapsed();
+        assert!(fired, "the timer did not fire");
+        assert!(
+            elapsed >= Duration::from_millis(45) && elapsed < Duration::from_secs(2),
+            "fired after {elapsed:?}"
+        );
+        assert!(hp.ready.is_empty(), "timer CQEs stay inside the engine");
+        hp.teardown(true);
+    }
+
+    #[test]
+    fn accepting_one_at_a_time_takes_one_connection_per_arming() {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let lfd = listener.as_raw_fd();
+        let addr = listener.local_addr().unwrap();
+        let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        hp.set_accepting(lfd, Accepting::One).unwrap();
+        let mut fds = accepted(&mut hp, Duration::from_secs(5));
+        assert_eq!(fds.len(), 1);
+        assert!(accepted(&mut hp, Duration::from_millis(100)).is_empty());
+        hp.set_accepting(lfd, Accepting::Paused).unwrap();
+        hp.set_accepting(lfd, Accepting::One).unwrap();
+        fds.extend(accepted(&mut hp, Duration::from_secs(5)));
+        assert_eq!(fds.len(), 2);
+        // Many: the rest of the backlog with one multishot accept.
+        hp.set_accepting(lfd, Accepting::Many).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fds.len() < 4 && Instant::now() < deadline {
+            fds.extend(accepted(&mut hp, Duration::from_millis(200)));
+        }
+        assert_eq!(fds.len(), 4);
+        // Paused cancels the armed multishot accept, and it stays unarmed.
+        hp.set_accepting(lfd, Accepting::Paused).unwrap();
+        assert!(hp
+            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
+                .ops_in_flight()
+                == 0)
+            .unwrap());
+        let _late = TcpStream::connect(addr).unwrap();
+        assert!(accepted(&mut hp, Duration::from_millis(100)).is_empty());
+        for fd in fds {
+            close_fd(fd);
+        }
+        hp.teardown(true);
+    }
+
     #[test]
     fn rejects_sizes_that_are_not_powers_of_two() {
         assert!(Hotpath::validate(1000, 512, 8192).is_err());

@@ -156,8 +156,8 @@ impl Core {
             },
         );
         self.timers.apply(fd as u32, timer, Instant::now());
-        self.regulate_accepts()?;
-        self.hp.submit_recv_multishot(fd)
+        self.hp.submit_recv_multishot(fd)?;
+        self.regulate_accepts()
     }
 
     fn on_recv(&mut self, done: Completion) -> RingResult<()> {
@@ -236,14 +236,13 @@ impl Core {
     fn close(&mut self, fd: i32) -> RingResult<()> {
         self.conns.remove(fd);
         self.timers.stop(fd as u32);
-        self.regulate_accepts()?;
         let ticket = self.hp.begin_cancel_fd(fd)?;
         if self.hp.cancel_done(&ticket) {
             close_fd(fd);
         } else {
             self.unclosed.push(ticket);
         }
-        Ok(())
+        self.regulate_accepts()
     }
 
     /// One enter, unless work is already waiting; then every completion delivered. A signal
