@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::deadline::{Deadlines, Kind, Phase, Timeouts, Timer};
+use crate::deadline::{Awaiting, Deadlines, Kind, Phase, Timeouts, Timer};
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::fdmap::FdMap;
 use crate::hotpath::{Accepting, CancelTicket, Completion, Hotpath, OpKind};
@@ -285,7 +285,7 @@ impl Core {
     /// After a session's turn: which timeout the connection is under now. One whose
     /// deadline passed during the wait for its turn is closed if the turn kept it waiting
     /// for the same thing.
-    fn retime(&mut self, fd: i32, awaiting: crate::deadline::Awaiting) -> RingResult<()> {
+    fn retime(&mut self, fd: i32, awaiting: Awaiting) -> RingResult<()> {
         let Some(conn) = self.conns.get_mut(fd) else {
             return Ok(());
         };

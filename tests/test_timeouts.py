@@ -198,7 +198,9 @@ def test_idle_keep_alive_connection_is_closed_after_its_timeout(
         resp, _ = request(s, get())
         assert resp.status == 200
         elapsed = closed_within(s, 5)
-    assert elapsed is not None and 0.45 <= elapsed <= 2.0, elapsed
+    # Timed from when the server saw the response sent, a little before or after the client
+    # read it: hence the slack below 0.5 s.
+    assert elapsed is not None and 0.4 <= elapsed <= 2.0, elapsed
 
 
 def test_connection_used_within_the_keep_alive_timeout_stays_open(
