@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::create_exception;
@@ -64,6 +65,13 @@ create_exception!(
     InvalidRequestBody,
     PyValueError,
     "wsgi.input: the request body broke HTTP framing (for instance a bad chunk size)."
+);
+
+create_exception!(
+    _uringserve,
+    TlsConfigError,
+    PyOSError,
+    "The TLS certificate, key or CA file could not be loaded; the message names the file."
 );
 
 /// Why a ring operation failed. Each variant keeps the original OS error where there is one.
@@ -291,6 +299,114 @@ impl From<BodyError> for PyErr {
             BodyError::Ring(e) => e.into(),
             BodyError::Python(e) => e,
         }
+    }
+}
+
+/// Why the TLS settings could not be loaded. Each variant names the file it is about.
+#[derive(Debug)]
+pub enum TlsLoadError {
+    /// The file could not be read or held no valid PEM of the kind wanted.
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused what the files held (a key that does not match the certificate...).
+    Rejected {
+        context: String,
+        source: rustls::Error,
+    },
+    /// No CA certificate in the file could be used to verify client certificates.
+    NoUsableCa { path: PathBuf, ignored: usize },
+    /// The client-certificate verifier could not be built from the CAs.
+    Verifier {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// The loaded settings could not start a connection's session.
+    Session(rustls::Error),
+}
+
+impl TlsLoadError {
+    fn io_source(&self) -> Option<&io::Error> {
+        match self {
+            TlsLoadError::Pem {
+                source: rustls::pki_types::pem::Error::Io(e),
+                ..
+            } => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TlsLoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use rustls::pki_types::pem::Error as Pem;
+        match self {
+            TlsLoadError::Pem { what, path, source } => {
+                let path = path.display();
+                match source {
+                    Pem::Io(e) => write!(f, "cannot read the {what} {path}: {}", describe(e)),
+                    Pem::NoItemsFound => {
+                        write!(f, "the {what} {path} holds no PEM {}", kind(what))
+                    }
+                    other => write!(f, "the {what} {path} is not valid PEM: {other}"),
+                }
+            }
+            TlsLoadError::Rejected { context, source } => write!(f, "{context}: {source}"),
+            TlsLoadError::NoUsableCa { path, ignored } => write!(
+                f,
+                "the CA file {} holds no usable CA certificate ({ignored} could not be parsed)",
+                path.display()
+            ),
+            TlsLoadError::Verifier { path, source } => write!(
+                f,
+                "cannot verify client certificates with the CAs in {}: {source}",
+                path.display()
+            ),
+            TlsLoadError::Session(source) => {
+                write!(f, "the TLS settings cannot start a session: {source}")
+            }
+        }
+    }
+}
+
+/// What a PEM file of each role must hold, for "holds no ..." messages.
+fn kind(what: &str) -> &'static str {
+    match what {
+        "key file" => "private key",
+        _ => "certificate",
+    }
+}
+
+impl std::error::Error for TlsLoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TlsLoadError::Pem { source, .. } => Some(source),
+            TlsLoadError::Rejected { source, .. } => Some(source),
+            TlsLoadError::Verifier { source, .. } => Some(source),
+            TlsLoadError::Session(source) => Some(source),
+            TlsLoadError::NoUsableCa { .. } => None,
+        }
+    }
+}
+
+impl From<TlsLoadError> for PyErr {
+    fn from(err: TlsLoadError) -> PyErr {
+        let errno = err
+            .io_source()
+            .and_then(io::Error::raw_os_error)
+            .unwrap_or(libc::EINVAL);
+        let py_err = PyErr::new::<TlsConfigError, _>((errno, err.to_string()));
+        // The OS error itself (FileNotFoundError...) stays reachable as __cause__.
+        if let Some(source) = err.io_source() {
+            let cause = PyErr::from(match source.raw_os_error() {
+                Some(errno) => io::Error::from_raw_os_error(errno),
+                None => io::Error::new(source.kind(), source.to_string()),
+            });
+            pyo3::Python::attach(|py| py_err.set_cause(py, Some(cause)));
+        }
+        py_err
     }
 }
 

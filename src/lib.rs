@@ -16,6 +16,8 @@ mod ring;
 mod serve;
 mod session;
 mod slab;
+mod tls;
+mod tls_config;
 pub mod transport;
 pub mod uring;
 pub mod wsgi;
@@ -36,6 +38,7 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<protocol::HttpProtocol>()?;
     m.add_class::<serve::UringServer>()?;
     m.add_class::<wsgi::file_wrapper::FileWrapper>()?;
+    m.add_class::<tls_config::TlsConfig>()?;
     m.add_function(wrap_pyfunction!(probe_py::probe, m)?)?;
     m.add("UringError", py.get_type::<errors::UringError>())?;
     m.add("RingSetupError", py.get_type::<errors::RingSetupError>())?;
@@ -61,5 +64,6 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "InvalidBufferError",
         py.get_type::<errors::InvalidBufferError>(),
     )?;
+    m.add("TlsConfigError", py.get_type::<errors::TlsConfigError>())?;
     Ok(())
 }

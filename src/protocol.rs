@@ -8,9 +8,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::deadline::{Phase, Timer};
-use crate::errors::BodyError;
+use crate::errors::{BodyError, TlsLoadError};
 use crate::http::Limits;
 use crate::session::Session;
+use crate::tls::{self, TlsFilter};
+use crate::tls_config::TlsConfig;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
 use crate::wsgi::environ::{Peer, PeerHost, ServerInfo};
@@ -20,15 +22,17 @@ use crate::wsgi::environ::{Peer, PeerHost, ServerInfo};
 pub struct PyWsgiApp {
     app: WsgiApp,
     limits: Limits,
+    /// Set when connections speak TLS.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[pymethods]
 impl PyWsgiApp {
     #[new]
     #[pyo3(signature = (
-        app, server_name, server_port, *, url_scheme = "http", access_log = true,
+        app, server_name, server_port, *, url_scheme = None, access_log = true,
         multiprocess = false, max_body_size = 1_073_741_824, max_request_line = 8192,
-        max_header_bytes = 65536, max_headers = 100
+        max_header_bytes = 65536, max_headers = 100, tls = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -36,15 +40,16 @@ impl PyWsgiApp {
         app: Py<PyAny>,
         server_name: String,
         server_port: u16,
-        url_scheme: &str,
+        url_scheme: Option<&str>,
         access_log: bool,
         multiprocess: bool,
         max_body_size: u64,
         max_request_line: usize,
         max_header_bytes: usize,
         max_headers: usize,
+        tls: Option<PyRef<'_, TlsConfig>>,
     ) -> PyResult<Self> {
-        let url_scheme = match url_scheme {
+        let url_scheme = match url_scheme.unwrap_or(if tls.is_some() { "https" } else { "http" }) {
             "http" => "http",
             "https" => "https",
             other => {
@@ -68,6 +73,7 @@ impl PyWsgiApp {
                 max_headers,
                 max_body_size,
             },
+            tls: tls.map(|t| t.server_config().clone()),
         })
     }
 }
@@ -80,6 +86,11 @@ impl PyWsgiApp {
     pub fn limits(&self) -> Limits {
         self.limits
     }
+
+    /// The TLS settings new connections use, when the server speaks TLS.
+    pub fn tls(&self) -> Option<&Arc<rustls::ServerConfig>> {
+        self.tls.as_ref()
+    }
 }
 
 /// The epoll loop's side of [`Transport`]: a Python object with `pull()` (bytes, b"" at EOF;
@@ -89,7 +100,8 @@ struct PyTransport {
 }
 
 impl Transport for PyTransport {
-    fn send_now(&self, py: Python<'_>, _io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
+    fn send_now(&self, py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
+        let bytes = tls::sealed(&mut lock_io(io), bytes);
         self.obj
             .call_method1(py, "send_now", (PyBytes::new(py, &bytes),))?;
         Ok(())
@@ -112,11 +124,16 @@ impl Transport for PyTransport {
             Err(err) => return Err(err.into()),
         };
         let data = data.bind(py).cast::<PyBytes>().map_err(PyErr::from)?;
-        let mut io = lock_io(io);
+        let mut guard = lock_io(io);
         if data.as_bytes().is_empty() {
-            io.conn.receive_eof();
-        } else {
-            io.conn.receive(data.as_bytes());
+            guard.conn.receive_eof();
+            return Ok(());
+        }
+        let reply = tls::receive_wire(&mut guard, data.as_bytes());
+        drop(guard);
+        if !reply.is_empty() {
+            self.obj
+                .call_method1(py, "send_now", (PyBytes::new(py, &reply),))?;
         }
         Ok(())
     }
@@ -148,9 +165,23 @@ impl HttpProtocol {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn process<'py>(&self, py: Python<'py>, session: &mut Session) -> Bound<'py, PyBytes> {
+    /// Runs the session; returns its output for the wire, after `reply` (records the TLS
+    /// session owes the peer, always empty without TLS).
+    fn process<'py>(
+        &self,
+        py: Python<'py>,
+        session: &mut Session,
+        reply: Vec<u8>,
+    ) -> Bound<'py, PyBytes> {
         session.advance(py, self.app.get().app(), &self.transport);
-        let mut io = lock_io(&session.io);
+        let mut guard = lock_io(&session.io);
+        let io = &mut *guard;
+        if let Some(tls) = io.tls.as_deref_mut() {
+            let mut wire = reply;
+            tls.seal(&io.out, session.closing(), &mut wire);
+            io.clear_out();
+            return PyBytes::new(py, &wire);
+        }
         let bytes = PyBytes::new(py, &io.out);
         io.clear_out();
         bytes
@@ -160,16 +191,26 @@ impl HttpProtocol {
 #[pymethods]
 impl HttpProtocol {
     #[new]
-    fn new(app: Py<PyWsgiApp>, peer_host: String, peer_port: u16, transport: Py<PyAny>) -> Self {
+    fn new(
+        app: Py<PyWsgiApp>,
+        peer_host: String,
+        peer_port: u16,
+        transport: Py<PyAny>,
+    ) -> PyResult<Self> {
         let io = ConnIo::shared(app.get().limits, -1);
+        if let Some(config) = app.get().tls() {
+            lock_io(&io).tls = Some(Box::new(
+                TlsFilter::new(config).map_err(TlsLoadError::Session)?,
+            ));
+        }
         let transport: Arc<dyn Transport> = Arc::new(PyTransport { obj: transport });
         let peer = Peer::new(PeerHost::Name(peer_host.into()), peer_port);
-        HttpProtocol {
+        Ok(HttpProtocol {
             app,
             transport,
             session: Mutex::new(Session::new(io, peer)),
             phase: Mutex::new(Phase::opened().0),
-        }
+        })
     }
 
     /// Which deadline applies after feed(), feed_eof() or resume(): "header", "keep_alive"
@@ -193,8 +234,8 @@ impl HttpProtocol {
         if session.closing() {
             return PyBytes::new(py, b"");
         }
-        lock_io(&session.io).conn.receive(data);
-        self.process(py, &mut session)
+        let reply = tls::receive_wire(&mut lock_io(&session.io), data);
+        self.process(py, &mut session, reply)
     }
 
     /// The peer closed its side; returns any last bytes to send.
@@ -204,7 +245,7 @@ impl HttpProtocol {
             return PyBytes::new(py, b"");
         }
         lock_io(&session.io).conn.receive_eof();
-        let bytes = self.process(py, &mut session);
+        let bytes = self.process(py, &mut session, Vec::new());
         session.close();
         bytes
     }
@@ -216,7 +257,7 @@ impl HttpProtocol {
         if session.closing() || !session.held_back() {
             return PyBytes::new(py, b"");
         }
-        self.process(py, &mut session)
+        self.process(py, &mut session, Vec::new())
     }
 
     /// True when requests wait for `resume()` because output piled up.

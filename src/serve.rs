@@ -18,6 +18,7 @@ use crate::owner::Owner;
 use crate::protocol::PyWsgiApp;
 use crate::pyargs::fd_of;
 use crate::session::{Session, OUT_HIGH_WATER};
+use crate::tls::{self, TlsFilter};
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr};
 use crate::wsgi::environ::{Peer, PeerHost};
@@ -67,6 +68,8 @@ struct ConnCap {
 struct Core {
     hp: Hotpath,
     limits: Limits,
+    /// Set when connections speak TLS: each gets its own session of these settings.
+    tls: Option<Arc<rustls::ServerConfig>>,
     wake: i32,
     conns: FdMap<Conn>,
     /// Connections with input or a state change to act on, in arrival order.
@@ -97,6 +100,20 @@ fn queue_send(hp: &mut Hotpath, fd: i32, conn: &mut Conn, out: Vec<u8>) -> RingR
     let len = u32::try_from(out.len()).unwrap_or(u32::MAX);
     conn.unsent = conn.unsent.saturating_add(len);
     hp.submit_send(fd, out)
+}
+
+/// A turn's output as it goes on the wire: the lent buffer itself, or under TLS its records
+/// sealed into a spare buffer (with close_notify when closing) while the plaintext buffer
+/// goes back to the pool.
+fn wire_out(hp: &mut Hotpath, io: &mut ConnIo, closing: bool) -> Vec<u8> {
+    let plain = io.take_out();
+    let Some(tls) = io.tls.as_deref_mut() else {
+        return plain;
+    };
+    let mut wire = hp.spare_buffer();
+    tls.seal(&plain, closing, &mut wire);
+    hp.recycle(plain);
+    wire
 }
 
 fn mark(queue: &mut Vec<i32>, fd: i32, conn: &mut Conn) {
@@ -138,6 +155,10 @@ impl Core {
             _ => (PeerHost::Name("".into()), 0),
         };
         let io = ConnIo::shared(self.limits, fd);
+        if !self.attach_tls(&io) {
+            close_fd(fd);
+            return self.regulate_accepts();
+        }
         let (phase, timer) = Phase::opened();
         let session = Session::new(io.clone(), Peer::new(host, port));
         self.conns.insert(
@@ -173,8 +194,11 @@ impl Core {
         match (done.result, done.buf_id) {
             (n, Some(bid)) if n > 0 => {
                 let data = self.hp.buffer(bid.into(), n as usize)?;
-                lock_io(&conn.io).conn.receive(data);
+                let reply = tls::receive_wire(&mut lock_io(&conn.io), data);
                 self.hp.release_buffer(bid.into())?;
+                if !reply.is_empty() {
+                    queue_send(&mut self.hp, done.fd, conn, reply)?;
+                }
             }
             (0, _) => lock_io(&conn.io).conn.receive_eof(),
             (n, _) => conn.broken = Some(-n),
@@ -219,7 +243,7 @@ impl Core {
             return Ok(());
         };
         conn.closing = closing;
-        let out = lock_io(&conn.io).take_out();
+        let out = wire_out(&mut self.hp, &mut lock_io(&conn.io), closing);
         if out.is_empty() {
             self.hp.recycle(out);
         } else {
@@ -229,6 +253,21 @@ impl Core {
             self.close(fd)?;
         }
         Ok(())
+    }
+
+    /// Gives a new connection its TLS session when the server speaks TLS; false when rustls
+    /// could not start one (the connection is then refused, never served in the clear).
+    fn attach_tls(&self, io: &SharedIo) -> bool {
+        let Some(config) = &self.tls else {
+            return true;
+        };
+        match TlsFilter::new(config) {
+            Ok(filter) => {
+                lock_io(io).tls = Some(Box::new(filter));
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Forgets the connection and cancels its ops; the fd closes after their final CQEs, so
@@ -436,6 +475,8 @@ impl Transport for LoopTransport {
         if core.conn_of(fd, io).is_none() {
             return Err(BodyError::Disconnected(None));
         }
+        // Sealed under the loop's lock, so records reach the ring in the order they were made.
+        let bytes = tls::sealed(&mut lock_io(io), bytes);
         core.send(fd, bytes)?;
         Ok(())
     }
@@ -531,9 +572,11 @@ impl UringServer {
         let hp = Hotpath::new(queue_depth, n_bufs, buf_size)?;
         let setup_flags = hp.uring.report.flags.clone();
         let limits = app.get().limits();
+        let tls = app.get().tls().cloned();
         let core = Arc::new(Mutex::new(Core {
             hp,
             limits,
+            tls,
             wake,
             conns: FdMap::default(),
             queue: Vec::new(),

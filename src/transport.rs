@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 use crate::errors::BodyError;
 use crate::http::{Connection, Limits};
+use crate::tls::TlsFilter;
 
 /// A connection's protocol state and the response bytes waiting to go out. The loop, the
 /// bridge and wsgi.input all reach it, one short lock at a time, never across an app call.
@@ -17,6 +18,9 @@ pub struct ConnIo {
     pub flushed: u64,
     /// The connection's fd, for a transport shared by every connection of a loop.
     pub fd: i32,
+    /// The TLS session when the server speaks TLS: `conn` and `out` hold plaintext then, and
+    /// the loops pass wire bytes through `crate::tls`.
+    pub tls: Option<Box<TlsFilter>>,
 }
 
 pub type SharedIo = Arc<Mutex<ConnIo>>;
@@ -28,6 +32,7 @@ impl ConnIo {
             out: Vec::new(),
             flushed: 0,
             fd,
+            tls: None,
         }))
     }
 
@@ -58,9 +63,11 @@ pub fn lock_io(io: &SharedIo) -> MutexGuard<'_, ConnIo> {
 /// What a loop offers the bridge while the app runs: sending early (100 Continue, and the
 /// responses queued before it) and waiting for more of a request body.
 pub trait Transport: Send + Sync {
-    /// Queues `bytes` for the peer of `io` ahead of anything produced later.
+    /// Queues `bytes` (plaintext: the transport seals them under TLS) for the peer of `io`
+    /// ahead of anything produced later.
     fn send_now(&self, py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError>;
 
-    /// Waits, with the GIL released, until `io` has received more bytes or the end of input.
+    /// Waits, with the GIL released, until `io` has received more bytes or the end of input
+    /// (decrypted under TLS).
     fn pull(&self, py: Python<'_>, io: &SharedIo) -> Result<(), BodyError>;
 }

@@ -35,6 +35,7 @@ __all__ = [
     "RingSetupError",
     "RingUnhealthyError",
     "Server",
+    "TlsConfigError",
     "Unsupported",
     "UringError",
     "WrongThreadError",
@@ -57,6 +58,7 @@ try:
         RingClosedError,
         RingSetupError,
         RingUnhealthyError,
+        TlsConfigError,
         UringError,
         WrongThreadError,
     )

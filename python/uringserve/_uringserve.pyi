@@ -1,5 +1,6 @@
 """Type stubs for the native io_uring core (written by hand; checked by stubtest)."""
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Literal, Protocol, final
 
@@ -19,6 +20,8 @@ __all__ = [
     "RingClosedError",
     "RingSetupError",
     "RingUnhealthyError",
+    "TlsConfig",
+    "TlsConfigError",
     "UringError",
     "UringServer",
     "WrongThreadError",
@@ -56,6 +59,9 @@ class RingUnhealthyError(UringError):
 
 class InvalidBufferError(UringError):
     """A provided-buffer id was out of range or not held by the caller."""
+
+class TlsConfigError(OSError):
+    """The TLS certificate, key or CA file could not be loaded; the message names the file."""
 
 class ClientDisconnected(OSError):
     """wsgi.input: the client closed or reset the connection before its request body was
@@ -136,14 +142,29 @@ class WsgiApp:
         server_name: str,
         server_port: int,
         *,
-        url_scheme: str = "http",
+        url_scheme: str | None = None,
         access_log: bool = True,
         multiprocess: bool = False,
         max_body_size: int = 1073741824,
         max_request_line: int = 8192,
         max_header_bytes: int = 65536,
         max_headers: int = 100,
+        tls: TlsConfig | None = None,
     ) -> Self: ...
+
+@final
+class TlsConfig:
+    """TLS settings from PEM files: a certificate chain, its key, and optionally the CAs that
+    client certificates must chain to (client certificates are then required)."""
+
+    def __new__(
+        cls,
+        certfile: str | os.PathLike[str],
+        keyfile: str | os.PathLike[str],
+        ca_certs: str | os.PathLike[str] | None = None,
+    ) -> Self: ...
+    @property
+    def client_auth(self) -> bool: ...
 
 class _BodyTransport(Protocol):
     """What the epoll loop lends the app while it reads a request body."""

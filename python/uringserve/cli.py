@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         ("body_timeout", float, "seconds without request body bytes before giving up"),
     ):
         limits.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--certfile", help="PEM certificate chain: serve HTTPS")
+    tls.add_argument("--keyfile", help="PEM private key of --certfile")
+    tls.add_argument(
+        "--ca-certs", help="PEM CA certificates: require client certificates signed by them"
+    )
     p.add_argument(
         "--capabilities", action="store_true", help="print the io_uring capability report and exit"
     )
@@ -89,11 +95,21 @@ def build_config(args: argparse.Namespace) -> Config:
         "log_level": args.log_level,
         "access_log": args.access_log,
         **{name: getattr(args, name) for name in LIMIT_OPTIONS},
+        "certfile": args.certfile,
+        "keyfile": args.keyfile,
+        "ca_certs": args.ca_certs,
     }
     if args.bind:
         cli.update(parse_bind(args.bind))
     options.update({k: v for k, v in cli.items() if v is not None})
     return Config().with_options(**options)
+
+
+def _is_tls_error(exc: OSError) -> bool:
+    # Imported here: TLS settings exist only when the native core loaded.
+    from ._uringserve import TlsConfigError
+
+    return isinstance(exc, TlsConfigError)
 
 
 def make_server(app: Any, config: Config) -> Server:
@@ -125,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("uringserve.error").error("io_uring=on, but %s", exc)
         return 1
     except OSError as exc:
+        if config.tls and _is_tls_error(exc):
+            logging.getLogger("uringserve.error").error("TLS: %s", exc.strerror or exc)
+            return 1
         logging.getLogger("uringserve.error").error(
             "cannot bind %s:%s: %s", config.host, config.port, exc
         )

@@ -45,6 +45,11 @@ class Config:
     queue_depth: int = 1024
     n_bufs: int = 512
     buf_size: int = 8192
+    # TLS: a PEM certificate chain and its key; with ca_certs, clients must present a
+    # certificate signed by one of those CAs.
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -56,6 +61,14 @@ class Config:
         for name in LIMIT_OPTIONS:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be positive and finite, not {getattr(self, name)!r}")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("TLS needs both certfile and keyfile")
+        if self.ca_certs is not None and self.certfile is None:
+            raise ValueError("ca_certs (client certificates) needs certfile and keyfile")
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
     def with_options(self, **options: Any) -> Config:
         """A copy with the given options set; None values leave the default in place."""
@@ -85,7 +98,13 @@ def _coerce(name: str, kind: type, text: str) -> Any:
 
 # Env vars carry text; each option's annotation says what to turn it into. Options of other
 # types (io_uring, read by the policy itself) have no env var of their own here.
-_PARSERS: dict[str, type] = {"int": int, "str": str, "bool": bool, "float": float}
+_PARSERS: dict[str, type] = {
+    "int": int,
+    "str": str,
+    "bool": bool,
+    "float": float,
+    "str | None": str,
+}
 
 
 def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

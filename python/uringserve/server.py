@@ -30,6 +30,14 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
+def _load_tls(config: Config) -> Any:
+    if not config.tls:
+        return None
+    from ._uringserve import TlsConfig
+
+    return TlsConfig(config.certfile, config.keyfile, config.ca_certs)
+
+
 def _why_io_uring() -> str:
     caps = capabilities()
     kernel = ".".join(str(p) for p in caps.kernel[:2])
@@ -55,6 +63,8 @@ class Server:
             io_uring=io_uring, **options
         )
         self.app = app
+        # Loaded before binding too: a bad certificate or key fails here, naming the file.
+        self._tls = _load_tls(self.config)
         # Decided before binding, so `on` on a host without io_uring fails before any side effect.
         self._use_uring = resolve_policy(self.config.io_uring)
         self._owns_socket = sock is None
@@ -88,7 +98,9 @@ class Server:
         else:
             reason = capabilities().hotpath_reason or capabilities().reason
             why = f"io_uring unavailable: {reason}"
-        return f"uringserve {__version__} serving http://{shown}:{port} on {self.backend} ({why})"
+        scheme = "https" if self._tls is not None else "http"
+        where = f"{scheme}://{shown}:{port}"
+        return f"uringserve {__version__} serving {where} on {self.backend} ({why})"
 
     def _wsgi_app(self) -> Any:
         from ._uringserve import WsgiApp
@@ -104,6 +116,7 @@ class Server:
             max_request_line=c.max_request_line,
             max_header_bytes=c.max_header_bytes,
             max_headers=c.max_headers,
+            tls=self._tls,
         )
 
     def _conn_limits(self) -> dict[str, Any]:

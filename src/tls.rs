@@ -1,0 +1,147 @@
+//! TlsFilter: one connection's TLS session as a sans-I/O filter between the wire and the HTTP
+//! core. Ciphertext goes in and its plaintext lands in the connection; plaintext goes in and
+//! records come out for the loop to send. Both loops use it the same way.
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+use rustls::{ServerConfig, ServerConnection};
+
+use crate::http::Connection;
+use crate::transport::ConnIo;
+
+/// Per-record overhead allowance when sizing a sealed buffer (header, tag, content type).
+const RECORD_OVERHEAD: usize = 64;
+const MAX_RECORD: usize = 16 * 1024;
+
+pub struct TlsFilter {
+    tls: ServerConnection,
+    /// The session failed (an alert has been produced) or the peer sent close_notify:
+    /// nothing more is read, and after a failure nothing more is sealed.
+    read_done: bool,
+    failed: bool,
+}
+
+impl TlsFilter {
+    pub fn new(config: &Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(TlsFilter {
+            tls: ServerConnection::new(config.clone())?,
+            read_done: false,
+            failed: false,
+        })
+    }
+
+    /// Decrypts `data` into `http`. Returns the records the peer must get back (handshake
+    /// messages, session tickets, an alert), usually none. A TLS failure or the peer's
+    /// close_notify ends `http`'s input, so the session closes the connection after sending
+    /// what is pending.
+    pub fn receive(&mut self, mut data: &[u8], http: &mut Connection) -> Vec<u8> {
+        // An empty read would count as the transport's EOF; only the loop reports that.
+        while !data.is_empty() && !self.read_done {
+            match self.tls.read_tls(&mut data) {
+                Ok(0) => self.read_done = true,
+                Ok(_) => {}
+                // Only a full plaintext buffer refuses input, and it is drained after each
+                // read; treat it like any other failure rather than spin.
+                Err(_) => self.fail(),
+            }
+            if self.read_done {
+                break;
+            }
+            let processed = self.tls.process_new_packets();
+            self.drain_plaintext(http);
+            if processed.is_err() {
+                self.fail();
+            }
+        }
+        if self.read_done {
+            http.receive_eof();
+        }
+        let mut wire = Vec::new();
+        self.flush(&mut wire);
+        wire
+    }
+
+    /// Appends `plain` to `wire` as records, then a close_notify when `closing`.
+    pub fn seal(&mut self, mut plain: &[u8], closing: bool, wire: &mut Vec<u8>) {
+        if self.failed {
+            return;
+        }
+        wire.reserve(plain.len() + (plain.len() / MAX_RECORD + 1) * RECORD_OVERHEAD);
+        while !plain.is_empty() {
+            match self.tls.writer().write(plain) {
+                Ok(n) if n > 0 => plain = &plain[n..],
+                // Nothing is answered before the handshake completes, so plaintext is never
+                // held back for it; a refusal means the session is unusable.
+                _ => {
+                    self.failed = true;
+                    break;
+                }
+            }
+            // rustls caps what it holds sealed: move it out before sealing more.
+            self.flush(wire);
+        }
+        if closing {
+            self.tls.send_close_notify();
+        }
+        self.flush(wire);
+    }
+
+    fn fail(&mut self) {
+        self.read_done = true;
+        self.failed = true;
+    }
+
+    fn drain_plaintext(&mut self, http: &mut Connection) {
+        let mut reader = self.tls.reader();
+        loop {
+            match reader.fill_buf() {
+                // Ok(empty) is rustls reporting close_notify, after every byte before it.
+                Ok([]) => {
+                    self.read_done = true;
+                    return;
+                }
+                Ok(chunk) => {
+                    let n = chunk.len();
+                    http.receive(chunk);
+                    reader.consume(n);
+                }
+                // WouldBlock: everything decrypted so far has been handed over.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn flush(&mut self, wire: &mut Vec<u8>) {
+        while self.tls.wants_write() {
+            // Writing into a Vec cannot fail.
+            if self.tls.write_tls(wire).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Bytes from the peer into the connection, decrypted first under TLS. Returns records to
+/// send back (handshake, alerts): always empty without TLS.
+pub fn receive_wire(io: &mut ConnIo, data: &[u8]) -> Vec<u8> {
+    match io.tls.as_deref_mut() {
+        None => {
+            io.conn.receive(data);
+            Vec::new()
+        }
+        Some(tls) => tls.receive(data, &mut io.conn),
+    }
+}
+
+/// Plaintext for the peer as it goes on the wire: itself without TLS, else its records.
+pub fn sealed(io: &mut ConnIo, plain: Vec<u8>) -> Vec<u8> {
+    match io.tls.as_deref_mut() {
+        None => plain,
+        Some(tls) => {
+            let mut wire = Vec::new();
+            tls.seal(&plain, false, &mut wire);
+            wire
+        }
+    }
+}
