@@ -164,6 +164,35 @@ def test_requests_over_https(serve: Callable[..., ServerThread], pki: Pki) -> No
             assert (resp.status_code, resp.content) == (200, b"https")
 
 
+@pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
+@pytest.mark.parametrize("traditional", [False, True], ids=["pkcs8", "pkcs1-or-sec1"])
+def test_key_types_and_pem_formats(
+    serve: Callable[..., ServerThread],
+    pki: Pki,
+    tmp_path: Path,
+    key_type: trustme.KeyType,
+    traditional: bool,
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = pki.ca.issue_cert("localhost", key_type=key_type)
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+    fmt = serialization.PrivateFormat
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            fmt.TraditionalOpenSSL if traditional else fmt.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    st = serve(hello_app, certfile=str(certfile), keyfile=str(keyfile))
+    with connect_tls(st, client_context(pki)) as s:
+        s.sendall(get())
+        assert Reader(s).read_response().body == b"hello"
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_tls_versions(
     serve: Callable[..., ServerThread], pki: Pki, version: ssl.TLSVersion
@@ -178,6 +207,26 @@ def test_tls_versions(
         assert reader.read_response().body == b"hello"
         # The server ends the session with close_notify: the client sees a clean EOF.
         assert reader.at_eof()
+
+
+def test_server_close_sends_close_notify(serve: Callable[..., ServerThread], pki: Pki) -> None:
+    st = serve(hello_app, **tls_options(pki))
+    with socket.create_connection(st.address, timeout=TIMEOUT) as sock:
+        hs = BioHandshake(sock, client_context(pki))
+        assert hs.run() is None
+        hs.obj.write(get(extra="Connection: close\r\n"))
+        hs.flush()
+        hs.incoming.write(read_until_closed(sock))
+        hs.incoming.write_eof()
+        plain = b""
+        # After close_notify a read returns b""; a ragged close (a TCP FIN alone) would
+        # raise SSLEOFError here instead.
+        for _ in range(1000):
+            chunk = hs.obj.read(65536)
+            if not chunk:
+                break
+            plain += chunk
+        assert plain.startswith(b"HTTP/1.1 200 ") and plain.endswith(b"hello")
 
 
 def test_alpn_without_http11_is_refused(serve: Callable[..., ServerThread], pki: Pki) -> None:
