@@ -7,10 +7,13 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .policy import capabilities, resolve_policy
+
+if TYPE_CHECKING:
+    from ._uringserve import TlsConfig
 
 WsgiCallable = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -30,8 +33,9 @@ def _bind(config: Config) -> socket.socket:
     return sock
 
 
-def _load_tls(config: Config) -> Any:
-    if not config.tls:
+def _load_tls(config: Config) -> TlsConfig | None:
+    """The TLS settings, loaded from their files; TlsConfigError names a file that fails."""
+    if config.certfile is None or config.keyfile is None:
         return None
     from ._uringserve import TlsConfig
 
