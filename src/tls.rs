@@ -145,3 +145,96 @@ pub fn sealed(io: &mut ConnIo, plain: Vec<u8>) -> Vec<u8> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::crypto::ring::default_provider;
+    use rustls::server::{ClientHello, ResolvesServerCert};
+    use rustls::sign::CertifiedKey;
+    use rustls::{AlertDescription, ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+    use crate::http::Limits;
+
+    /// A server without a certificate: every handshake fails, which is what these tests
+    /// drive (successful handshakes are covered end to end by tests/test_tls.py).
+    #[derive(Debug)]
+    struct NoCert;
+
+    impl ResolvesServerCert for NoCert {
+        fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            None
+        }
+    }
+
+    fn filter() -> TlsFilter {
+        let config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(NoCert));
+        TlsFilter::new(&Arc::new(config)).unwrap()
+    }
+
+    fn connection() -> Connection {
+        Connection::new(Limits::default())
+    }
+
+    #[test]
+    fn plain_http_to_tls_gets_an_alert_and_never_reaches_http() {
+        let mut tls = filter();
+        let mut http = connection();
+        let wire = tls.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &mut http);
+        assert_eq!(wire.first(), Some(&21), "a TLS alert record");
+        assert!(http.input_ended());
+        assert_eq!(http.buffered(), 0);
+        // Nothing is sealed after the failure, not even a close_notify.
+        let mut out = Vec::new();
+        tls.seal(b"HTTP/1.1 400 Bad Request\r\n\r\n", true, &mut out);
+        assert!(out.is_empty());
+        // Later bytes are ignored.
+        assert!(tls.receive(b"more", &mut http).is_empty());
+    }
+
+    #[test]
+    fn a_failed_handshake_alerts_the_client() {
+        let client_config = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let name = "localhost".try_into().unwrap();
+        let mut client = ClientConnection::new(Arc::new(client_config), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+
+        let mut tls = filter();
+        let mut http = connection();
+        // Byte by byte: records split across receives are reassembled.
+        let mut wire = Vec::new();
+        for byte in hello.chunks(1) {
+            wire.extend(tls.receive(byte, &mut http));
+        }
+        assert!(http.input_ended());
+        client.read_tls(&mut wire.as_slice()).unwrap();
+        // rustls refuses a handshake it has no certificate for with access_denied.
+        assert_eq!(
+            client.process_new_packets().unwrap_err(),
+            rustls::Error::AlertReceived(AlertDescription::AccessDenied)
+        );
+    }
+
+    #[test]
+    fn without_tls_bytes_pass_through_untouched() {
+        let io = ConnIo::shared(Limits::default(), -1);
+        let mut io = io.lock().unwrap();
+        assert!(receive_wire(&mut io, b"GET / HTTP/1.1\r\n").is_empty());
+        assert_eq!(io.conn.buffered(), 16);
+        let plain = b"HTTP/1.1 200 OK\r\n".to_vec();
+        let ptr = plain.as_ptr();
+        let wire = sealed(&mut io, plain);
+        assert_eq!(wire.as_ptr(), ptr, "the same buffer, not a copy");
+    }
+}
