@@ -256,7 +256,8 @@ impl Core {
     }
 
     /// Gives a new connection its TLS session when the server speaks TLS; false when rustls
-    /// could not start one (the connection is then refused, never served in the clear).
+    /// could not start one (loading the settings checked that it can), and the connection is
+    /// then refused, never served in the clear.
     fn attach_tls(&self, io: &SharedIo) -> bool {
         let Some(config) = &self.tls else {
             return true;

@@ -10,7 +10,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
 use crate::errors::TlsLoadError;
 
@@ -62,7 +62,7 @@ pub fn load(
     certfile: &PathBuf,
     keyfile: &PathBuf,
     ca_certs: Option<&PathBuf>,
-) -> Result<ServerConfig, TlsLoadError> {
+) -> Result<Arc<ServerConfig>, TlsLoadError> {
     let certs = certs_from("certificate file", certfile)?;
     let key = PrivateKeyDer::from_pem_file(keyfile).map_err(|source| TlsLoadError::Pem {
         what: "key file",
@@ -92,6 +92,9 @@ pub fn load(
                 source,
             })?;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    let config = Arc::new(config);
+    // Settings rustls would refuse a connection for fail here, at startup, not per client.
+    ServerConnection::new(config.clone()).map_err(TlsLoadError::Session)?;
     Ok(config)
 }
 
@@ -115,7 +118,7 @@ impl TlsConfig {
     fn new(certfile: PathBuf, keyfile: PathBuf, ca_certs: Option<PathBuf>) -> PyResult<Self> {
         let config = load(&certfile, &keyfile, ca_certs.as_ref())?;
         Ok(TlsConfig {
-            config: Arc::new(config),
+            config,
             client_auth: ca_certs.is_some(),
         })
     }
