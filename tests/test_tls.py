@@ -293,6 +293,18 @@ def test_bad_handshake_is_closed_without_harm(
     served_ok(st, pki)
 
 
+def test_stalled_handshake_is_closed_by_the_header_timeout(
+    serve: Callable[..., ServerThread], pki: Pki
+) -> None:
+    st = serve(hello_app, header_timeout=0.5, **tls_options(pki))
+    with socket.create_connection(st.address, timeout=TIMEOUT) as stalled:
+        start = time.monotonic()
+        half_a_hello(stalled, pki)
+        assert read_until_closed(stalled) == b""
+        assert time.monotonic() - start < TIMEOUT
+        served_ok(st, pki)
+
+
 def test_many_bad_handshakes_with_good_clients_between(
     serve: Callable[..., ServerThread], pki: Pki
 ) -> None:
