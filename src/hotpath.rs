@@ -424,6 +424,11 @@ impl Hotpath {
         self.pump_send(fd)
     }
 
+    /// Whether `fd`'s recv ended on ENOBUFS and waits for buffers: bytes may wait in its socket.
+    pub fn recv_starved(&self, fd: i32) -> bool {
+        self.fds.get(fd).is_some_and(|s| s.recv_starved)
+    }
+
     /// Sets how listener `fd` accepts, arming an accept if none is armed and one is wanted.
     /// Paused, the armed accept is cancelled, so new peers wait in the kernel's backlog
     /// (connections the kernel accepted before the cancel took effect still complete). With

@@ -32,7 +32,7 @@ impl PyWsgiApp {
     #[pyo3(signature = (
         app, server_name, server_port, *, url_scheme = None, access_log = true,
         multiprocess = false, max_body_size = 1_073_741_824, max_request_line = 8192,
-        max_header_bytes = 65536, max_headers = 100, tls = None
+        max_header_bytes = 65536, max_headers = 100, tls = None, max_requests = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -48,6 +48,7 @@ impl PyWsgiApp {
         max_header_bytes: usize,
         max_headers: usize,
         tls: Option<PyRef<'_, TlsConfig>>,
+        max_requests: u64,
     ) -> PyResult<Self> {
         let url_scheme = match url_scheme.unwrap_or(if tls.is_some() { "https" } else { "http" }) {
             "http" => "http",
@@ -65,8 +66,10 @@ impl PyWsgiApp {
             software: format!("uringserve/{}", env!("CARGO_PKG_VERSION")),
             multiprocess,
         };
+        let mut app = WsgiApp::new(py, app, &info, access_log)?;
+        app.max_requests = max_requests;
         Ok(PyWsgiApp {
-            app: WsgiApp::new(py, app, &info, access_log)?,
+            app,
             limits: Limits {
                 max_request_line,
                 max_header_bytes,
@@ -75,6 +78,12 @@ impl PyWsgiApp {
             },
             tls: tls.map(|t| t.server_config().clone()),
         })
+    }
+
+    /// Requests taken so far, by every connection of this app.
+    #[getter]
+    fn requests(&self) -> u64 {
+        self.app.requests()
     }
 }
 
@@ -270,5 +279,17 @@ impl HttpProtocol {
     #[getter]
     fn closing(&self) -> bool {
         self.session().closing()
+    }
+
+    /// True between requests with nothing received: a graceful stop may close it at once.
+    #[getter]
+    fn idle(&self) -> bool {
+        let session = self.session();
+        !session.closing() && !session.held_back() && lock_io(&session.io).conn.is_idle()
+    }
+
+    /// Graceful stop: the current request (if any) is the last one on this connection.
+    fn refuse_keep_alive(&self) {
+        lock_io(&self.session().io).conn.refuse_keep_alive();
     }
 }

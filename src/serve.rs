@@ -462,6 +462,86 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     }
 }
 
+/// Graceful stop (SIGTERM): no new connections, idle ones closed at once, the rest after
+/// their current request, and whatever is left at the deadline closed as on a hard stop.
+impl Core {
+    /// Stops accepting, after handing every connection already accepted its session and
+    /// every byte already received to its connection.
+    fn begin_drain(&mut self) -> RingResult<()> {
+        // With DEFER_TASKRUN, completions are posted only inside an enter.
+        if let Err(e) = self.hp.enter(0, None) {
+            self.hp.enter_failed(e)?;
+        }
+        self.deliver()?;
+        // No room for new connections: the cap's regulation keeps the accept paused.
+        self.cap.max = 0;
+        self.regulate_accepts()
+    }
+
+    /// Closes the keep-alive connections that hold no request; every other one answers its
+    /// current request with `Connection: close`. A connection that has not sent anything yet
+    /// is kept: its first request may be on its way. True once none is left.
+    fn drain_pass(&mut self) -> RingResult<bool> {
+        let mut idle = Vec::new();
+        for fd in self.conns.fds() {
+            let Some(c) = self.conns.get(fd) else {
+                continue;
+            };
+            let mut io = lock_io(&c.io);
+            io.conn.refuse_keep_alive();
+            // A starved recv may have left bytes in the socket: not idle until they are read.
+            if c.received != 0
+                && !c.queued
+                && c.sends_in_flight == 0
+                && io.out.is_empty()
+                && io.conn.is_idle()
+                && !self.hp.recv_starved(fd)
+            {
+                idle.push(fd);
+            }
+        }
+        for fd in idle {
+            self.close(fd)?;
+        }
+        Ok(self.conns.len() == 0 && self.unclosed.is_empty())
+    }
+
+    /// Like `wait`, but returns by `deadline` at the latest.
+    fn wait_draining(&mut self, deadline: Instant) -> RingResult<()> {
+        self.deliver()?;
+        self.expire()?;
+        if !self.queue.is_empty() || self.woken || Instant::now() >= deadline {
+            return Ok(());
+        }
+        let due = self.timers.next_due().map_or(deadline, |t| t.min(deadline));
+        self.hp.set_timer(Some(due))?;
+        if let Err(e) = self.hp.enter(1, None) {
+            self.hp.enter_failed(e)?;
+        }
+        self.deliver()?;
+        self.expire()
+    }
+}
+
+/// What ends a serve loop gracefully: the caller's `draining()` after a wake-up, or the app's
+/// request count reaching `max_requests`.
+struct DrainPolicy<'py> {
+    draining: Option<Bound<'py, PyAny>>,
+    max_requests: u64,
+    grace: Duration,
+}
+
+impl DrainPolicy<'_> {
+    fn should_drain(&self, woken: bool, requests: u64) -> PyResult<bool> {
+        let at_max = self.max_requests != 0 && requests >= self.max_requests;
+        match &self.draining {
+            Some(draining) if woken || at_max => draining.call0()?.is_truthy(),
+            Some(_) => Ok(false),
+            None => Ok(at_max),
+        }
+    }
+}
+
 /// The app's view of its connection while it reads a body: sending goes through the ring's
 /// ordered send queue; waiting drives the ring, delivering other connections' input too.
 struct LoopTransport {
@@ -503,13 +583,23 @@ pub struct UringServer {
 }
 
 impl UringServer {
-    fn run(&self, py: Python<'_>, stopping: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn run(
+        &self,
+        py: Python<'_>,
+        stopping: &Bound<'_, PyAny>,
+        drain: &DrainPolicy<'_>,
+    ) -> PyResult<()> {
         let app = self.app.get().app();
         let mut batch = Vec::new();
+        // The graceful deadline, once draining.
+        let mut deadline: Option<Instant> = None;
         loop {
             let woken = py.detach(|| -> RingResult<_> {
                 let mut core = lock(&self.core);
-                core.wait()?;
+                match deadline {
+                    None => core.wait()?,
+                    Some(at) => core.wait_draining(at)?,
+                }
                 core.take_batch(&mut batch)?;
                 if !batch.is_empty() {
                     core.gil_batches += 1;
@@ -532,6 +622,15 @@ impl UringServer {
             }
             if woken && stopping.call0()?.is_truthy()? {
                 return Ok(());
+            }
+            if deadline.is_none() && drain.should_drain(woken, app.requests())? {
+                deadline = Some(Instant::now() + drain.grace);
+                py.detach(|| lock(&self.core).begin_drain())?;
+            }
+            if let Some(at) = deadline {
+                if py.detach(|| lock(&self.core).drain_pass())? || Instant::now() >= at {
+                    return Ok(());
+                }
             }
         }
     }
@@ -609,8 +708,29 @@ impl UringServer {
 
     /// Serves until `stopping()` is true after the wake socket received a byte, then closes
     /// every connection and the ring. Must run on the thread that created the server; it can
-    /// run once.
-    fn serve(&self, py: Python<'_>, stopping: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// run once. Stops gracefully when `draining()` is true after a wake-up (asked also once
+    /// `max_requests` requests were taken; without it, reaching that count is enough): no
+    /// more accepts, idle connections closed, the others after their current request, the
+    /// rest after `graceful_timeout` seconds.
+    #[pyo3(signature = (stopping, *, draining = None, max_requests = 0, graceful_timeout = 30.0))]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        stopping: &Bound<'_, PyAny>,
+        draining: Option<Bound<'_, PyAny>>,
+        max_requests: u64,
+        graceful_timeout: f64,
+    ) -> PyResult<()> {
+        let grace = Duration::try_from_secs_f64(graceful_timeout).map_err(|_| {
+            RingError::InvalidArgument(format!(
+                "graceful_timeout must be a non-negative number of seconds, not {graceful_timeout}"
+            ))
+        })?;
+        let drain = DrainPolicy {
+            draining,
+            max_requests,
+            grace,
+        };
         self.owner.check()?;
         {
             let mut core = lock(&self.core);
@@ -621,7 +741,7 @@ impl UringServer {
             core.regulate_accepts()?;
             core.hp.submit_recv_multishot(wake)?;
         }
-        let served = self.run(py, stopping);
+        let served = self.run(py, stopping, &drain);
         let confirmed = py.detach(|| lock(&self.core).stop_serving());
         served?;
         if !confirmed {
@@ -654,6 +774,7 @@ impl UringServer {
         }
         d.set_item("accept_pauses", core.cap.pauses)?;
         d.set_item("timed_connections", core.timers.len())?;
+        d.set_item("requests", self.app.get().app().requests())?;
         Ok(d)
     }
 }

@@ -150,7 +150,11 @@ class WsgiApp:
         max_header_bytes: int = 65536,
         max_headers: int = 100,
         tls: TlsConfig | None = None,
+        max_requests: int = 0,
     ) -> Self: ...
+    @property
+    def requests(self) -> int:
+        """Requests taken so far, by every connection of this app."""
 
 @final
 class TlsConfig:
@@ -188,6 +192,9 @@ class HttpProtocol:
     def held_back(self) -> bool: ...
     @property
     def closing(self) -> bool: ...
+    @property
+    def idle(self) -> bool: ...
+    def refuse_keep_alive(self) -> None: ...
 
 @final
 class UringServer:
@@ -207,7 +214,14 @@ class UringServer:
         body_timeout: float = 30.0,
         max_connections: int = 1000,
     ) -> Self: ...
-    def serve(self, stopping: Callable[[], bool]) -> None: ...
+    def serve(
+        self,
+        stopping: Callable[[], bool],
+        *,
+        draining: Callable[[], bool] | None = None,
+        max_requests: int = 0,
+        graceful_timeout: float = 30.0,
+    ) -> None: ...
     @property
     def setup_flags(self) -> list[str]: ...
     def stats(self) -> dict[str, int]: ...

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import signal
 import sys
@@ -12,25 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import LIMIT_OPTIONS, LOG_LEVELS, Config, options_from_env, parse_bind
+from .loader import check_spec, load_app
 from .policy import Unsupported, capabilities
 
 if TYPE_CHECKING:
     from .server import Server
-
-
-def load_app(spec: str) -> Any:
-    """Imports `module:attribute` (the attribute may be dotted)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"APP must look like module:attribute, not {spec!r}")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec} is not callable")
-    return obj
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--capabilities", action="store_true", help="print the io_uring capability report and exit"
     )
+    # Process model: workers, recycling, graceful stop.
+    p.add_argument(
+        "--workers", type=int, help="pre-fork N workers under a master (default 0: none)"
+    )
+    p.add_argument(
+        "--reuse-port", action="store_true", default=None, help="a SO_REUSEPORT socket per worker"
+    )
+    p.add_argument("--max-requests", type=int, help="recycle a worker after N requests")
+    p.add_argument("--max-requests-jitter", type=int, help="add 0..J to --max-requests per worker")
+    p.add_argument(
+        "--graceful-timeout", type=float, help="seconds a graceful stop waits (default 30)"
+    )
     return p
 
 
@@ -98,6 +95,11 @@ def build_config(args: argparse.Namespace) -> Config:
         "certfile": args.certfile,
         "keyfile": args.keyfile,
         "ca_certs": args.ca_certs,
+        "workers": args.workers,
+        "reuse_port": args.reuse_port,
+        "max_requests": args.max_requests,
+        "max_requests_jitter": args.max_requests_jitter,
+        "graceful_timeout": args.graceful_timeout,
     }
     if args.bind:
         cli.update(parse_bind(args.bind))
@@ -129,16 +131,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"supported() = {caps.supported}")
         print(f"hotpath_supported() = {caps.hotpath_supported}")
         return 0
+    spec = args.app or "uringserve.demo:app"
+    app: Any
     try:
         config = build_config(args)
-        app = load_app(args.app) if args.app else load_app("uringserve.demo:app")
+        # Workers import the app themselves (so SIGHUP re-imports it); one process does now.
+        if config.workers:
+            check_spec(spec)
+            app = spec
+        else:
+            app = load_app(spec)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         parser.error(str(exc))
     _configure_logging(config.log_level)
+    error_log = logging.getLogger("uringserve.error")
     try:
         server = make_server(app, config)
     except Unsupported as exc:
-        logging.getLogger("uringserve.error").error("io_uring=on, but %s", exc)
+        error_log.error("io_uring=on, but %s", exc)
         return 1
     except OSError as exc:
         if config.tls and _is_tls_error(exc):
@@ -149,13 +159,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
 
-    def stop(signum: int, frame: object) -> None:
-        server.shutdown(wait=False)
+    if not config.workers:
+        from .worker import install_stop_signals
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+        install_stop_signals(server)
+
+        def no_workers(signum: int, frame: object) -> None:
+            error_log.warning(
+                "%s ignored: no workers to manage (start with --workers N)",
+                signal.Signals(signum).name,
+            )
+
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, no_workers)
+    from .arbiter import WorkerBootError
+
     with server:
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        except WorkerBootError as exc:
+            error_log.error("%s", exc)
+            return 1
     return 0
 
 

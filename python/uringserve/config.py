@@ -50,6 +50,12 @@ class Config:
     certfile: str | None = None
     keyfile: str | None = None
     ca_certs: str | None = None
+    # Process model: 0 workers serves in this process; N >= 1 runs a master and N workers.
+    workers: int = 0
+    reuse_port: bool = False
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    graceful_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -69,6 +75,9 @@ class Config:
     @property
     def tls(self) -> bool:
         return self.certfile is not None
+        for name in ("workers", "max_requests", "max_requests_jitter", "graceful_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
     def with_options(self, **options: Any) -> Config:
         """A copy with the given options set; None values leave the default in place."""

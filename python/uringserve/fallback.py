@@ -61,17 +61,35 @@ class _Transport:
 
 
 class _Conn:
-    __slots__ = ("out", "overdue", "proto", "sock")
+    __slots__ = ("fed", "out", "overdue", "proto", "sock")
 
     def __init__(
         self, sock: socket.socket, app: WsgiApp, peer: tuple[str, int], body_timeout: float
     ) -> None:
         self.sock = sock
+        self.fed = False  # bytes arrived once: from then on, idle means between requests
         # Shared with the transport, so early sends queue behind what is already waiting.
         self.out = bytearray()
         self.proto = HttpProtocol(app, peer[0], peer[1], _Transport(sock, self.out, body_timeout))
         # Its deadline passed while its input waited to be handled: the next turn decides.
         self.overdue = False
+
+
+def _idle(conn: _Conn) -> bool:
+    """A keep-alive connection holding no request: a graceful stop closes it at once. Bytes
+    that already arrived are read first, so a request on its way in is answered rather than
+    reset; a connection that never sent anything is kept, its first request may be coming."""
+    if conn.out or not conn.proto.idle:
+        return False
+    try:
+        data = conn.sock.recv(READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return conn.fed
+    except OSError:
+        return True
+    conn.fed = True
+    conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
+    return not data
 
 
 def serve_epoll(
@@ -84,6 +102,9 @@ def serve_epoll(
     keep_alive_timeout: float = 5.0,
     body_timeout: float = 30.0,
     max_connections: int = 1000,
+    draining: Callable[[], bool] | None = None,
+    max_requests: int = 0,
+    graceful_timeout: float = 30.0,
 ) -> None:
     """Serve until stopping() is true after a wake-up; returns with every connection closed.
 
@@ -91,6 +112,9 @@ def serve_epoll(
     accept, or from the first byte after an idle spell), when idle for `keep_alive_timeout`,
     or when an unread request body stalls for `body_timeout`. Past `max_connections`, the
     listener is not polled, so new peers wait in the kernel's backlog.
+
+    Stops gracefully (as UringServer.serve does) when draining() is true after a wake-up,
+    or once app.requests reaches max_requests.
     """
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -172,14 +196,35 @@ def serve_epoll(
                 return True
             conn.out += conn.proto.resume()
 
+    def should_drain(woken: bool) -> bool:
+        at_max = max_requests > 0 and app.requests >= max_requests
+        if draining is None:
+            return at_max
+        return (woken or at_max) and draining()
+
+    def drain_pass() -> bool:
+        """Closes the connections holding no request; True once none is left."""
+        for conn in list(conns.values()):
+            conn.proto.refuse_keep_alive()
+            if _idle(conn):
+                close(conn)
+            elif pump(conn):
+                update(conn)
+        return not conns
+
+    deadline: float | None = None  # the graceful deadline, once draining
     try:
         while not stopping():
+            woken = False
             due = timers.next_due()
+            if deadline is not None:
+                due = deadline if due is None else min(due, deadline)
             events = sel.select(None if due is None else max(0.0, due - time.monotonic()))
             expire(events)
             for key, mask in events:
                 if key.fileobj is wake:
                     wake.recv(64)
+                    woken = True
                     continue
                 if key.fileobj is listener:
                     for _ in range(ACCEPT_BATCH):
@@ -211,10 +256,17 @@ def serve_epoll(
                         close(conn)
                         continue
                     if data is not None:
+                        conn.fed = True
                         conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
                         turned = True
                 if pump(conn) and retime(conn, turned):
                     update(conn)
+            if deadline is None and should_drain(woken):
+                deadline = time.monotonic() + graceful_timeout
+                max_connections = 0  # no room for new connections: the listener stays unpolled
+                regulate_accepts()
+            if deadline is not None and (drain_pass() or time.monotonic() >= deadline):
+                return
     finally:
         for conn in list(conns.values()):
             close(conn)

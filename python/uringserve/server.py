@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .loader import check_spec, load_app
 from .policy import capabilities, resolve_policy
 
 if TYPE_CHECKING:
@@ -20,13 +21,18 @@ WsgiCallable = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 error_log = logging.getLogger("uringserve.error")
 
 
-def _bind(config: Config) -> socket.socket:
+def _bind(config: Config, listen: bool = True) -> socket.socket:
+    """The listening socket; with `listen` false, only bound (it reserves the port for the
+    workers' own SO_REUSEPORT sockets)."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((config.host, config.port))
-        sock.listen(config.backlog)
+        if listen:
+            sock.listen(config.backlog)
     except BaseException:
         sock.close()
         raise
@@ -49,11 +55,16 @@ def _why_io_uring() -> str:
 
 
 class Server:
-    """An HTTP/1.1 server for one WSGI app, on io_uring where the policy allows, else epoll."""
+    """An HTTP/1.1 server for one WSGI app, on io_uring where the policy allows, else epoll.
+
+    `app` is a WSGI callable or "module:attribute". With `workers=N` (N >= 1) serve_forever()
+    runs a master that pre-forks N workers (see Config for the process-model options);
+    with the default workers=0 it serves in this process.
+    """
 
     def __init__(
         self,
-        app: WsgiCallable,
+        app: WsgiCallable | str,
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
@@ -66,21 +77,44 @@ class Server:
         self.config = Config(host=host, port=port, backlog=backlog).with_options(
             io_uring=io_uring, **options
         )
+        # A callable, or "module:attribute", imported where it is served: in each worker, so
+        # that SIGHUP's new workers import it afresh.
         self.app = app
         # Loaded before binding too: a bad certificate or key fails here, naming the file.
         self._tls = _load_tls(self.config)
+        if isinstance(app, str):
+            check_spec(app)
+        workers = self.config.workers
+        if sock is not None and self.config.reuse_port and workers:
+            raise ValueError("reuse_port opens a socket per worker; it cannot use a given sock")
+        if workers:
+            # The master never opens a ring: the probe runs in a short-lived child.
+            from .arbiter import probe_without_rings
+
+            probe_without_rings()
         # Decided before binding, so `on` on a host without io_uring fails before any side effect.
         self._use_uring = resolve_policy(self.config.io_uring)
         self._owns_socket = sock is None
-        self.socket = sock if sock is not None else _bind(self.config)
+        if sock is None:
+            sock = _bind(self.config, listen=not (workers and self.config.reuse_port))
+        self.socket = sock
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
+        # shutdown(graceful=True): stop accepting, finish what is in flight, then stop.
+        self._drain = threading.Event()
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
         self._serving_thread: int | None = None
         # The io_uring loop's counters (enters, completions, sends...) once serving stopped.
         self.ring_stats: dict[str, int] | None = None
+        # Requests taken by the last serve_forever() in this process (either backend).
+        self.requests = 0
+        # Set in a worker: called once when max_requests is reached and draining begins.
+        self._on_retire: Callable[[], None] | None = None
+        self._max_requests = self.config.max_requests
+        self._retiring = False
+        self._log_startup = True
 
     @property
     def backend(self) -> str:
@@ -111,16 +145,19 @@ class Server:
 
         host, port = self.server_address[:2]
         c = self.config
+        app = load_app(self.app) if isinstance(self.app, str) else self.app
         return WsgiApp(
-            self.app,
+            app,
             str(host),
             int(port),
             access_log=c.access_log,
+            multiprocess=self._multiprocess,
             max_body_size=c.max_body_size,
             max_request_line=c.max_request_line,
             max_header_bytes=c.max_header_bytes,
             max_headers=c.max_headers,
             tls=self._tls,
+            max_requests=self._max_requests,
         )
 
     def _conn_limits(self) -> dict[str, Any]:
@@ -133,8 +170,45 @@ class Server:
             "max_connections": c.max_connections,
         }
 
+    # True in the workers of a master with more than one (set by the worker).
+    _multiprocess = False
+
+    def _draining(self, app: Any) -> bool:
+        """Asked by the serve loop after a wake-up, and once max_requests is reached."""
+        if self._drain.is_set():
+            return True
+        if self._max_requests and app.requests >= self._max_requests:
+            if not self._retiring:
+                self._retiring = True
+                error_log.info(
+                    "served %d requests (max_requests): stopping gracefully", app.requests
+                )
+                if self._on_retire is not None:
+                    self._on_retire()
+            return True
+        return False
+
     def serve_forever(self) -> None:
-        """Serve on this thread until shutdown(); rings are created here, on this thread."""
+        """Serve on this thread until shutdown(); rings are created here, on this thread.
+
+        With workers, this process becomes their master: it forks them, restarts them and
+        handles SIGTERM/SIGINT, SIGQUIT, SIGHUP, SIGTTIN and SIGTTOU (on the main thread).
+        """
+        if self.config.workers:
+            from .arbiter import Arbiter
+
+            self._stopped.clear()
+            self._serving_thread = threading.get_ident()
+            try:
+                Arbiter(self).run()
+            finally:
+                self._stop.clear()
+                self._drain.clear()
+                self._stopped.set()
+            return
+        self._serve_here()
+
+    def _serve_here(self) -> None:
         # _stop is not cleared here: a shutdown() that came first (say, from a signal during
         # start-up) must still stop this run. It is cleared when the run ends.
         self._stopped.clear()
@@ -149,11 +223,17 @@ class Server:
         )
         try:
             app = self._wsgi_app()
-            error_log.info(self.startup_line())
+            if self._log_startup:
+                error_log.info(self.startup_line())
+            c = self.config
+            drain: dict[str, Any] = {
+                "draining": lambda: self._draining(app),
+                "max_requests": self._max_requests,
+                "graceful_timeout": c.graceful_timeout,
+            }
             if self._use_uring:
                 from ._uringserve import UringServer
 
-                c = self.config
                 native = UringServer(
                     app,
                     self.socket,
@@ -164,24 +244,37 @@ class Server:
                     **self._conn_limits(),
                 )
                 try:
-                    native.serve(self._stop.is_set)
+                    native.serve(self._stop.is_set, **drain)
                 finally:
                     self.ring_stats = native.stats()
             else:
                 from .fallback import serve_epoll
 
                 serve_epoll(
-                    self.socket, app, self._wake_r, self._stop.is_set, **self._conn_limits()
+                    self.socket,
+                    app,
+                    self._wake_r,
+                    self._stop.is_set,
+                    **self._conn_limits(),
+                    **drain,
                 )
+            self.requests = app.requests
         finally:
             if old_wakeup is not None:
                 signal.set_wakeup_fd(old_wakeup)
             self._stop.clear()
+            self._drain.clear()
             self._stopped.set()
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop serve_forever(); callable from another thread or a signal handler."""
-        self._stop.set()
+    def shutdown(self, wait: bool = True, *, graceful: bool = False) -> None:
+        """Stop serve_forever(); callable from another thread or a signal handler.
+
+        By default every connection closes at once. With `graceful`, the server stops
+        accepting, closes idle keep-alive connections at once, finishes the requests in
+        flight (their responses say `Connection: close`) and closes what is left after
+        `graceful_timeout` seconds. A plain shutdown() during a graceful one cuts it short.
+        """
+        (self._drain if graceful else self._stop).set()
         try:
             self._wake_w.send(b"x")
         except (BlockingIOError, OSError):

@@ -80,6 +80,8 @@ pub struct Connection {
     expect_continue: bool,
     continue_sent: bool,
     keep_alive: bool,
+    /// The server is stopping: no request after the current one (graceful stop).
+    no_reuse: bool,
     drained: u64,
 }
 
@@ -98,6 +100,7 @@ impl Connection {
             expect_continue: false,
             continue_sent: false,
             keep_alive: true,
+            no_reuse: false,
             drained: 0,
         }
     }
@@ -199,7 +202,7 @@ impl Connection {
         self.head_request = request.method == "HEAD";
         self.expect_continue = request.expect_continue;
         self.continue_sent = false;
-        self.keep_alive = request.keep_alive;
+        self.keep_alive = request.keep_alive && !self.no_reuse;
         self.drained = 0;
         self.recv = Recv::Body(if request.chunked {
             BodyDecoder::chunked(self.limits.max_body_size, self.limits.max_header_bytes)
@@ -399,6 +402,20 @@ impl Connection {
     #[cfg(test)]
     pub(crate) fn buf_capacity_for_tests(&self) -> usize {
         self.buf.capacity()
+    }
+
+    /// No request after the current one: a response not started yet says `Connection: close`.
+    pub fn refuse_keep_alive(&mut self) {
+        self.no_reuse = true;
+        self.keep_alive = false;
+    }
+
+    /// Between requests with nothing received: closing now loses no request.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.recv, Recv::Head)
+            && matches!(self.send, Send::Idle)
+            && self.buffered() == 0
+            && self.scanner.is_fresh()
     }
 
     /// Whether the connection can carry another request, as decided so far.

@@ -1,5 +1,6 @@
 //! Calling the WSGI app for one request and framing what it returns through the HTTP core.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::intern;
@@ -24,6 +25,11 @@ pub struct WsgiApp {
     keys: KeyCache,
     /// The wsgi.input of every request without a body.
     empty_input: Py<PyAny>,
+    /// Requests taken so far, for recycling a worker after `--max-requests`.
+    requests: AtomicU64,
+    /// From this request on (0: never), responses say `Connection: close`: the server is
+    /// about to stop gracefully, so no client should send another request on the connection.
+    pub max_requests: u64,
 }
 
 impl WsgiApp {
@@ -53,7 +59,14 @@ impl WsgiApp {
             access_log,
             keys: KeyCache::default(),
             empty_input: Bound::new(py, EmptyInput)?.into_any().unbind(),
+            requests: AtomicU64::new(0),
+            max_requests: 0,
         })
+    }
+
+    /// Requests taken so far; once `respond` returns, its request is answered.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     fn log_app_error(&self, py: Python<'_>, err: &PyErr, what: &str) {
@@ -80,6 +93,10 @@ impl WsgiApp {
         req: &Request,
         peer: &Peer,
     ) {
+        let taken = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.max_requests != 0 && taken >= self.max_requests {
+            lock_io(io).conn.refuse_keep_alive();
+        }
         let start = lock_io(io).produced();
         let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
         let outcome = if req.has_body() {

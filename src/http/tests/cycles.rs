@@ -268,3 +268,41 @@ fn parse_and_respond_throughput() {
     let per = started.elapsed() / n;
     println!("{per:?} per request/response cycle");
 }
+
+#[test]
+fn refusing_keep_alive_closes_after_the_current_response_and_later_ones() {
+    let mut conn = conn_with(Limits::default(), b"GET /1 HTTP/1.1\r\n\r\n");
+    assert!(!conn.is_idle(), "a request is buffered");
+    let mut out = Vec::new();
+    assert!(matches!(owned(conn.next_event()), Ev::Req(_)));
+    conn.refuse_keep_alive();
+    answer(&mut conn, &mut out);
+    assert!(out.windows(17).any(|w| w == b"Connection: close"));
+    assert!(!conn.start_next_cycle());
+
+    // Refused between requests: the next request (keep-alive by default) is the last one.
+    let mut conn = Connection::new(Limits::default());
+    assert!(conn.is_idle());
+    conn.refuse_keep_alive();
+    conn.receive(b"GET /2 HTTP/1.1\r\n\r\n");
+    assert!(!conn.is_idle());
+    assert!(matches!(owned(conn.next_event()), Ev::Req(_)));
+    let mut out = Vec::new();
+    answer(&mut conn, &mut out);
+    assert!(out.windows(17).any(|w| w == b"Connection: close"));
+    assert!(!conn.start_next_cycle());
+}
+
+#[test]
+fn idle_only_between_requests_with_nothing_received() {
+    let mut conn = conn_with(Limits::default(), b"GET /1 HTTP/1.1\r\n\r\n");
+    assert!(matches!(owned(conn.next_event()), Ev::Req(_)));
+    assert!(!conn.is_idle(), "the request is being answered");
+    let mut out = Vec::new();
+    let _ = drain_events(&mut conn);
+    answer(&mut conn, &mut out);
+    assert!(conn.start_next_cycle());
+    assert!(conn.is_idle());
+    conn.receive(b"GET /2 HTT");
+    assert!(!conn.is_idle(), "half a request head is in flight");
+}
