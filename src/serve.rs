@@ -479,8 +479,7 @@ impl Core {
     }
 
     /// Closes the keep-alive connections that hold no request; every other one answers its
-    /// current request with `Connection: close`. A connection that has not sent anything yet
-    /// is kept: its first request may be on its way. True once none is left.
+    /// current request with `Connection: close`. True once none is left.
     fn drain_pass(&mut self) -> RingResult<bool> {
         let mut idle = Vec::new();
         for fd in self.conns.fds() {
@@ -490,8 +489,7 @@ impl Core {
             let mut io = lock_io(&c.io);
             io.conn.refuse_keep_alive();
             // A starved recv may have left bytes in the socket: not idle until they are read.
-            if c.received != 0
-                && !c.queued
+            if !c.queued
                 && c.sends_in_flight == 0
                 && io.out.is_empty()
                 && io.conn.is_idle()

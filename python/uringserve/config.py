@@ -71,13 +71,13 @@ class Config:
             raise ValueError("TLS needs both certfile and keyfile")
         if self.ca_certs is not None and self.certfile is None:
             raise ValueError("ca_certs (client certificates) needs certfile and keyfile")
+        for name in ("workers", "max_requests", "max_requests_jitter", "graceful_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
     @property
     def tls(self) -> bool:
         return self.certfile is not None
-        for name in ("workers", "max_requests", "max_requests_jitter", "graceful_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
     def with_options(self, **options: Any) -> Config:
         """A copy with the given options set; None values leave the default in place."""

@@ -61,13 +61,12 @@ class _Transport:
 
 
 class _Conn:
-    __slots__ = ("fed", "out", "overdue", "proto", "sock")
+    __slots__ = ("out", "overdue", "proto", "sock")
 
     def __init__(
         self, sock: socket.socket, app: WsgiApp, peer: tuple[str, int], body_timeout: float
     ) -> None:
         self.sock = sock
-        self.fed = False  # bytes arrived once: from then on, idle means between requests
         # Shared with the transport, so early sends queue behind what is already waiting.
         self.out = bytearray()
         self.proto = HttpProtocol(app, peer[0], peer[1], _Transport(sock, self.out, body_timeout))
@@ -78,16 +77,13 @@ class _Conn:
 def _idle(conn: _Conn) -> bool:
     """A keep-alive connection holding no request: a graceful stop closes it at once. Bytes
     that already arrived are read first, so a request on its way in is answered rather than
-    reset; a connection that never sent anything is kept, its first request may be coming."""
+    reset."""
     if conn.out or not conn.proto.idle:
         return False
     try:
         data = conn.sock.recv(READ_SIZE)
-    except (BlockingIOError, InterruptedError):
-        return conn.fed
-    except OSError:
+    except OSError:  # nothing there (EAGAIN), or the peer is gone
         return True
-    conn.fed = True
     conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
     return not data
 
@@ -256,7 +252,6 @@ def serve_epoll(
                         close(conn)
                         continue
                     if data is not None:
-                        conn.fed = True
                         conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
                         turned = True
                 if pump(conn) and retime(conn, turned):

@@ -82,6 +82,8 @@ pub struct Connection {
     keep_alive: bool,
     /// The server is stopping: no request after the current one (graceful stop).
     no_reuse: bool,
+    /// A request was answered and the connection kept for another: it is a keep-alive one.
+    reused: bool,
     drained: u64,
 }
 
@@ -101,6 +103,7 @@ impl Connection {
             continue_sent: false,
             keep_alive: true,
             no_reuse: false,
+            reused: false,
             drained: 0,
         }
     }
@@ -410,9 +413,12 @@ impl Connection {
         self.keep_alive = false;
     }
 
-    /// Between requests with nothing received: closing now loses no request.
+    /// A keep-alive connection between requests with nothing received: closing it now loses
+    /// no request. A connection that has not had its first request is never idle: that
+    /// request (or the end of a TLS handshake) may be on its way.
     pub fn is_idle(&self) -> bool {
-        matches!(self.recv, Recv::Head)
+        self.reused
+            && matches!(self.recv, Recv::Head)
             && matches!(self.send, Send::Idle)
             && self.buffered() == 0
             && self.scanner.is_fresh()
@@ -430,6 +436,7 @@ impl Connection {
             self.keep_alive = false;
             return false;
         }
+        self.reused = true;
         self.recv = Recv::Head;
         self.send = Send::Idle;
         self.scanner.reset();
