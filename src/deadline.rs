@@ -142,6 +142,11 @@ impl Phase {
         }
     }
 
+    /// The heads counted on the connection at its last turn (see [`Awaiting::Head`]).
+    pub fn requests(&self) -> u32 {
+        self.requests
+    }
+
     /// The timeout the connection is under, if any.
     pub fn kind(&self) -> Option<Kind> {
         match self.state {

@@ -20,6 +20,7 @@ mod tls;
 mod tls_config;
 pub mod transport;
 pub mod uring;
+mod working;
 pub mod wsgi;
 
 use pyo3::prelude::*;

@@ -2,6 +2,7 @@
 //! bridge composed. The GIL is released while waiting in the kernel and taken once per batch
 //! of ready connections; received bytes are copied out and their buffers recycled at once.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use crate::session::{Session, OUT_HIGH_WATER};
 use crate::tls::{self, TlsFilter};
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr};
+use crate::working::{lock_session, WorkPool, Working};
 use crate::wsgi::environ::{Peer, PeerHost};
 
 /// While this much response data waits to be sent to a peer, its further requests wait: the
@@ -34,9 +36,19 @@ const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
+/// What a connection holds between its turns.
+enum State {
+    /// Resting between requests: its working state went back to the pool and only the peer's
+    /// address stays (None: it could not be read).
+    Idle { ip: Option<IpAddr>, port: u16 },
+    /// Lent a working state, whose session holds the peer meanwhile.
+    Working(Working),
+}
+
+const NO_PEER: State = State::Idle { ip: None, port: 0 };
+
 struct Conn {
-    io: SharedIo,
-    session: Arc<Mutex<Session>>,
+    state: State,
     sends_in_flight: u32,
     /// Response bytes handed to the ring and not yet confirmed sent.
     unsent: u32,
@@ -72,6 +84,8 @@ struct Core {
     tls: Option<Arc<rustls::ServerConfig>>,
     wake: i32,
     conns: FdMap<Conn>,
+    /// Working states for the connections that have something to do.
+    pool: WorkPool,
     /// Connections with input or a state change to act on, in arrival order.
     queue: Vec<i32>,
     /// Closed connections whose fds wait for their final CQEs before close().
@@ -116,6 +130,51 @@ fn wire_out(hp: &mut Hotpath, io: &mut ConnIo, closing: bool) -> Vec<u8> {
     wire
 }
 
+impl Conn {
+    fn working(&self) -> Option<&Working> {
+        match &self.state {
+            State::Working(w) => Some(w),
+            State::Idle { .. } => None,
+        }
+    }
+
+    /// The working state, lent from `pool` first if the connection was idle.
+    fn work(&mut self, pool: &mut WorkPool, limits: Limits, fd: i32) -> &Working {
+        if let State::Idle { ip, port } = self.state {
+            let peer = match ip {
+                Some(ip) => Peer::new(PeerHost::Ip(ip), port),
+                None => Peer::unknown(),
+            };
+            let requests = self.phase.requests();
+            self.state = State::Working(pool.lend(limits, fd, peer, requests));
+        }
+        match &self.state {
+            State::Working(w) => w,
+            State::Idle { .. } => unreachable!("lent just above"),
+        }
+    }
+
+    /// Gives the working state back to `pool` if the connection now rests between requests.
+    fn rest(&mut self, pool: &mut WorkPool) {
+        if let State::Working(_) = self.state {
+            let State::Working(w) = std::mem::replace(&mut self.state, NO_PEER) else {
+                unreachable!("matched just above")
+            };
+            self.state = match pool.take_back(w) {
+                Ok(peer) => State::Idle {
+                    // This loop makes no other kind of peer (see `open`).
+                    ip: match peer.host {
+                        PeerHost::Ip(ip) => Some(ip),
+                        PeerHost::Name(_) => None,
+                    },
+                    port: peer.port,
+                },
+                Err(w) => State::Working(w),
+            };
+        }
+    }
+}
+
 fn mark(queue: &mut Vec<i32>, fd: i32, conn: &mut Conn) {
     if !conn.queued {
         conn.queued = true;
@@ -150,32 +209,38 @@ impl Core {
 
     fn open(&mut self, fd: i32) -> RingResult<()> {
         // A peer gone before getpeername still gets a session; its recv reports the end.
-        let (host, port) = match peer_addr(fd) {
-            Ok(Some((ip, port))) => (PeerHost::Ip(ip), port),
-            _ => (PeerHost::Name("".into()), 0),
+        let state = match peer_addr(fd) {
+            Ok(Some((ip, port))) => State::Idle { ip: Some(ip), port },
+            _ => NO_PEER,
         };
-        let io = ConnIo::shared(self.limits, fd);
-        if !self.attach_tls(&io) {
-            close_fd(fd);
-            return self.regulate_accepts();
-        }
         let (phase, timer) = Phase::opened();
-        let session = Session::new(io.clone(), Peer::new(host, port));
-        self.conns.insert(
-            fd,
-            Conn {
-                io,
-                session: Arc::new(Mutex::new(session)),
-                sends_in_flight: 0,
-                unsent: 0,
-                received: 0,
-                broken: None,
-                closing: false,
-                queued: false,
-                phase,
-                overdue: false,
-            },
-        );
+        // Idle until its first bytes arrive: a connection that never sends costs no session.
+        let mut conn = Conn {
+            state,
+            sends_in_flight: 0,
+            unsent: 0,
+            received: 0,
+            broken: None,
+            closing: false,
+            queued: false,
+            phase,
+            overdue: false,
+        };
+        if self.tls.is_some() {
+            // Under TLS the working state holds the TLS session, so it is the connection's
+            // from accept to close (the pool never takes it back while it is open).
+            let io = conn.work(&mut self.pool, self.limits, fd).io.clone();
+            let attached = self.attach_tls(&io);
+            drop(io);
+            if !attached {
+                if let State::Working(w) = conn.state {
+                    self.pool.recycle(w);
+                }
+                close_fd(fd);
+                return self.regulate_accepts();
+            }
+        }
+        self.conns.insert(fd, conn);
         self.timers.apply(fd as u32, timer, Instant::now());
         self.hp.submit_recv_multishot(fd)?;
         self.regulate_accepts()
@@ -194,13 +259,17 @@ impl Core {
         match (done.result, done.buf_id) {
             (n, Some(bid)) if n > 0 => {
                 let data = self.hp.buffer(bid.into(), n as usize)?;
-                let reply = tls::receive_wire(&mut lock_io(&conn.io), data);
+                let w = conn.work(&mut self.pool, self.limits, done.fd);
+                let reply = tls::receive_wire(&mut lock_io(&w.io), data);
                 self.hp.release_buffer(bid.into())?;
                 if !reply.is_empty() {
                     queue_send(&mut self.hp, done.fd, conn, reply)?;
                 }
             }
-            (0, _) => lock_io(&conn.io).conn.receive_eof(),
+            (0, _) => {
+                let w = conn.work(&mut self.pool, self.limits, done.fd);
+                lock_io(&w.io).conn.receive_eof();
+            }
             (n, _) => conn.broken = Some(-n),
         }
         conn.received = conn.received.wrapping_add(1);
@@ -243,14 +312,21 @@ impl Core {
             return Ok(());
         };
         conn.closing = closing;
-        let out = wire_out(&mut self.hp, &mut lock_io(&conn.io), closing);
+        let Some(w) = conn.working() else {
+            return Ok(());
+        };
+        let out = wire_out(&mut self.hp, &mut lock_io(&w.io), closing);
         if out.is_empty() {
             self.hp.recycle(out);
         } else {
             queue_send(&mut self.hp, fd, conn, out)?;
         }
-        if closing && conn.sends_in_flight == 0 {
-            self.close(fd)?;
+        if closing {
+            if conn.sends_in_flight == 0 {
+                self.close(fd)?;
+            }
+        } else {
+            conn.rest(&mut self.pool);
         }
         Ok(())
     }
@@ -274,7 +350,13 @@ impl Core {
     /// Forgets the connection and cancels its ops; the fd closes after their final CQEs, so
     /// its number cannot be reused while the kernel still holds them.
     fn close(&mut self, fd: i32) -> RingResult<()> {
-        self.conns.remove(fd);
+        if let Some(Conn {
+            state: State::Working(w),
+            ..
+        }) = self.conns.remove(fd)
+        {
+            self.pool.recycle(w);
+        }
         self.timers.stop(fd as u32);
         let ticket = self.hp.begin_cancel_fd(fd)?;
         if self.hp.cancel_done(&ticket) {
@@ -372,22 +454,24 @@ impl Core {
             };
             conn.queued = false;
             let blocked = conn.unsent > SEND_HIGH_WATER;
-            let flooding = blocked && lock_io(&conn.io).conn.buffered() > INPUT_CAP_WHILE_BLOCKED;
+            let buffered = conn.working().map_or(0, |w| lock_io(&w.io).conn.buffered());
+            let flooding = blocked && buffered > INPUT_CAP_WHILE_BLOCKED;
             if conn.broken.is_some() || flooding || (conn.closing && conn.sends_in_flight == 0) {
                 self.close(fd)?;
             } else if blocked {
                 // Back-pressure: answer nothing more until the peer reads what it was sent;
                 // the send completion that drains it queues the connection again.
-            } else {
+            } else if let Some(w) = conn.working() {
                 // Output goes into a recycled buffer lent for this turn only, so an idle
                 // connection holds none.
-                let mut io = lock_io(&conn.io);
+                let mut io = lock_io(&w.io);
                 if io.out.capacity() == 0 {
                     io.out = self.hp.spare_buffer();
                 }
                 drop(io);
-                batch.push((fd, conn.session.clone()));
+                batch.push((fd, w.session.clone()));
             }
+            // An idle connection (its send drained after it went idle) has nothing to answer.
         }
         self.queue = queue;
         self.queue.clear();
@@ -397,7 +481,9 @@ impl Core {
     /// The connection on `fd` if it is still the one `io` belongs to: once a connection
     /// closes, its fd number may already name another.
     fn conn_of(&self, fd: i32, io: &SharedIo) -> Option<&Conn> {
-        self.conns.get(fd).filter(|c| Arc::ptr_eq(&c.io, io))
+        self.conns
+            .get(fd)
+            .filter(|c| c.working().is_some_and(|w| Arc::ptr_eq(&w.io, io)))
     }
 
     /// Waits, without the GIL, until connection `fd` has received something.
@@ -473,6 +559,8 @@ impl Core {
             self.hp.enter_failed(e)?;
         }
         self.deliver()?;
+        // Connections resting now get their next state with keep-alive refused.
+        self.pool.refuse_keep_alive = true;
         // No room for new connections: the cap's regulation keeps the accept paused.
         self.cap.max = 0;
         self.regulate_accepts()
@@ -486,14 +574,18 @@ impl Core {
             let Some(c) = self.conns.get(fd) else {
                 continue;
             };
-            let mut io = lock_io(&c.io);
-            io.conn.refuse_keep_alive();
+            let between_requests = match c.working() {
+                Some(w) => {
+                    let mut io = lock_io(&w.io);
+                    io.conn.refuse_keep_alive();
+                    io.out.is_empty() && io.conn.is_idle()
+                }
+                // Resting: idle once it has had a request (a new connection's first request,
+                // or the end of its TLS handshake, may be on its way).
+                None => c.phase.requests() != 0,
+            };
             // A starved recv may have left bytes in the socket: not idle until they are read.
-            if !c.queued
-                && c.sends_in_flight == 0
-                && io.out.is_empty()
-                && io.conn.is_idle()
-                && !self.hp.recv_starved(fd)
+            if between_requests && !c.queued && c.sends_in_flight == 0 && !self.hp.recv_starved(fd)
             {
                 idle.push(fd);
             }
@@ -609,10 +701,13 @@ impl UringServer {
             // of the kernel interrupts nothing, and its Python handler must still run.
             py.check_signals()?;
             for (fd, session) in batch.drain(..) {
-                let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                session.advance(py, app, &self.transport);
-                let closing = session.closing();
-                let awaiting = session.awaiting();
+                let (closing, awaiting) = {
+                    let mut session = lock_session(&session);
+                    session.advance(py, app, &self.transport);
+                    (session.closing(), session.awaiting())
+                };
+                // Dropped before the turn ends, so that a resting connection's state is
+                // seen unshared and goes back to the pool.
                 drop(session);
                 let mut core = lock(&self.core);
                 core.finish_turn(fd, closing)?;
@@ -677,6 +772,7 @@ impl UringServer {
             tls,
             wake,
             conns: FdMap::default(),
+            pool: WorkPool::default(),
             queue: Vec::new(),
             unclosed: Vec::new(),
             woken: false,
@@ -773,6 +869,7 @@ impl UringServer {
         d.set_item("accept_pauses", core.cap.pauses)?;
         d.set_item("timed_connections", core.timers.len())?;
         d.set_item("requests", self.app.get().app().requests())?;
+        d.set_item("working_states", core.pool.made)?;
         Ok(d)
     }
 }
@@ -789,5 +886,16 @@ impl Drop for UringServer {
             // might still touch; closing the ring fd makes the kernel cancel the rest.
             core.hp.teardown(false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Conn;
+
+    #[test]
+    fn an_idle_connection_costs_its_server_a_small_slot() {
+        // Every connection, idle or not, has one of these; 10,000 idle ones must stay cheap.
+        assert!(std::mem::size_of::<Option<Conn>>() <= 56);
     }
 }

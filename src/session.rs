@@ -20,7 +20,8 @@ const DRAIN_LIMIT: u64 = 64 * 1024;
 
 pub struct Session {
     pub io: SharedIo,
-    peer: Peer,
+    /// Swapped in and out by a loop that lends sessions to connections while they work.
+    pub peer: Peer,
     /// The app has answered; what it left of the request body is still to be discarded.
     draining: bool,
     closing: bool,
@@ -43,6 +44,11 @@ impl Session {
         }
     }
 
+    /// Continues the count of request heads of the connection this session is lent to.
+    pub fn set_requests(&mut self, requests: u32) {
+        self.requests = requests;
+    }
+
     /// What the connection waits for from its peer now that a turn is over.
     pub fn awaiting(&self) -> Awaiting {
         if self.closing || self.held_back {
@@ -60,6 +66,11 @@ impl Session {
     /// True once the connection must close after the output produced so far is sent.
     pub fn closing(&self) -> bool {
         self.closing
+    }
+
+    /// Between requests: nothing to drain, hold back or close.
+    pub fn at_rest(&self) -> bool {
+        !self.draining && !self.closing && !self.held_back
     }
 
     /// Whether buffered requests wait for the output to drain; call `advance` again then.

@@ -36,6 +36,21 @@ impl ConnIo {
         }))
     }
 
+    /// Whether nothing is received, pending or owed: see [`Connection::at_rest`].
+    pub fn at_rest(&self) -> bool {
+        self.out.is_empty() && self.conn.at_rest()
+    }
+
+    /// Makes this the fresh state of the connection on `fd`, keeping the input allocation
+    /// unless it grew past `keep_capacity`.
+    pub fn reuse(&mut self, fd: i32, keep_capacity: usize) {
+        self.conn.reuse(keep_capacity);
+        self.out = Vec::new();
+        self.flushed = 0;
+        self.fd = fd;
+        self.tls = None;
+    }
+
     /// Everything written so far, sent or not: response sizes are differences of this.
     pub fn produced(&self) -> u64 {
         self.flushed + self.out.len() as u64

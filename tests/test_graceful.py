@@ -56,6 +56,37 @@ def test_graceful_shutdown_closes_idle_and_finishes_requests_in_flight(backend: 
     newcomer.close()
 
 
+def test_first_request_sent_while_draining_is_answered_with_close(backend: str) -> None:
+    """A connection accepted before the stop but silent until then is not idle (its first
+    request may be on its way): that request is answered, with Connection: close. (On
+    io_uring such a connection holds no working state until it sends: the one it is lent
+    during the stop must refuse keep-alive too.)"""
+    st = ServerThread(hello_app, backend)
+    try:
+        silent = st.connect()
+        # Answered on a later connection, so the silent one (ahead in the backlog) was
+        # accepted too.
+        _serving_in(st)
+        witness = st.connect()
+        resp, witness_reader = request(witness, get())
+        assert resp.status == 200
+        st.server.shutdown(wait=False, graceful=True)
+        # The idle keep-alive witness closing shows the stop has begun.
+        assert witness_reader.at_eof(timeout=5)
+        silent.sendall(get())
+        reader = Reader(silent)
+        resp = reader.read_response()
+        assert resp.status == 200 and resp.body == b"hello"
+        assert resp.header("Connection") == "close"
+        assert reader.at_eof(timeout=5)
+        st.thread.join(10)
+        assert not st.thread.is_alive(), "serve_forever() did not return once drained"
+        silent.close()
+        witness.close()
+    finally:
+        st.stop()
+
+
 def test_graceful_timeout_closes_what_is_left(backend: str) -> None:
     st = ServerThread(hello_app, backend, graceful_timeout=0.5)
     try:

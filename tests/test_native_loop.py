@@ -111,6 +111,68 @@ def test_two_buffers_serve_many_connections() -> None:
     assert stats["accepts"] == 64
 
 
+def test_idle_connections_give_their_working_state_back() -> None:
+    """200 keep-alive connections, each served one request at a time and then left idle, share
+    a few working states (HTTP state, input buffer, session) instead of holding one each; a
+    later request on each gets a state again, answering for its own peer."""
+
+    def port_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        body = environ["REMOTE_PORT"].encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    st = ServerThread(port_app, "on")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            s = st.connect()
+            socks.append(s)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert Reader(s).read_response().body == str(s.getsockname()[1]).encode()
+        # Connections that never send anything take no working state either.
+        silent = [st.connect() for _ in range(50)]
+        socks.extend(silent)
+        for s in reversed(socks[:200]):
+            s.sendall(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert Reader(s).read_response().body == str(s.getsockname()[1]).encode()
+    finally:
+        st.stop()
+        for s in socks:
+            s.close()
+    stats = st.server.ring_stats
+    assert stats is not None
+    assert stats["accepts"] == 250
+    # One request at a time: every turn finds a state the last one gave back.
+    assert stats["working_states"] <= 4, stats
+
+
+def test_closed_connections_leave_their_working_state_to_the_next() -> None:
+    """One connection after another, each closed after its request (by the server, by the
+    client, or broken mid-request): each starts from the state the last one left."""
+    st = ServerThread(hello_app, "on")
+    try:
+        for i in range(150):
+            with st.connect() as s:
+                reader = Reader(s)
+                if i % 3 == 0:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    assert reader.read_response().body == b"hello"
+                    assert reader.at_eof()
+                elif i % 3 == 1:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert reader.read_response().body == b"hello"
+                else:
+                    s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    finally:
+        st.stop()
+    stats = st.server.ring_stats
+    assert stats is not None
+    assert stats["accepts"] == 150
+    # A few at once at most (a close may still be under way when the next request comes),
+    # where a state per connection would be 150.
+    assert stats["working_states"] <= 8, stats
+
+
 def test_the_serving_thread_releases_the_gil_while_idle() -> None:
     st = ServerThread(hello_app, "on")
     try:

@@ -307,6 +307,27 @@ def test_absolute_form_target(serve: Callable[..., ServerThread]) -> None:
     assert seen[0]["QUERY_STRING"] == "q=1"
 
 
+def test_keep_alive_requests_reuse_their_peer_strings(serve: Callable[..., ServerThread]) -> None:
+    """REMOTE_PORT is made once per connection, not per request, even though the connection
+    rests between its requests (on io_uring its working state goes back to a pool)."""
+    seen: dict[str, list[Any]] = {}
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        seen.setdefault(environ["PATH_INFO"], []).append(environ["REMOTE_PORT"])
+        return hello_app(environ, start_response)
+
+    st = serve(app)
+    with st.connect() as a, st.connect() as b:
+        for _ in range(3):
+            for path, s in (("/a", a), ("/b", b)):
+                resp, _ = request(s, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert resp.status == 200
+        ports = {"/a": str(a.getsockname()[1]), "/b": str(b.getsockname()[1])}
+    for path, strings in seen.items():
+        assert strings[0] == ports[path]
+        assert all(s is strings[0] for s in strings), path
+
+
 def test_environ_completeness(serve: Callable[..., ServerThread]) -> None:
     seen: list[Environ] = []
     st = serve(environ_app(seen))

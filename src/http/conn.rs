@@ -402,6 +402,31 @@ impl Connection {
         true
     }
 
+    /// Between requests with nothing received, nothing to answer and input still open: the
+    /// state of a fresh connection, so [`reuse`](Self::reuse) loses nothing.
+    pub fn at_rest(&self) -> bool {
+        matches!(self.recv, Recv::Head)
+            && matches!(self.send, Send::Idle)
+            && self.scanner.is_fresh()
+            && self.start == self.buf.len()
+            && self.keep_alive
+            && !self.eof
+    }
+
+    /// Makes this a fresh connection again, for another peer. The input buffer's allocation is
+    /// kept for the next one unless it grew past `keep_capacity` bytes.
+    pub fn reuse(&mut self, keep_capacity: usize) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        if buf.capacity() > keep_capacity {
+            buf = Vec::new();
+        }
+        *self = Connection {
+            buf,
+            ..Connection::new(self.limits)
+        };
+    }
+
     #[cfg(test)]
     pub(crate) fn buf_capacity_for_tests(&self) -> usize {
         self.buf.capacity()

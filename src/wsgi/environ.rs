@@ -146,8 +146,9 @@ impl fmt::Display for PeerHost {
     }
 }
 
-/// The peer of a connection; its port string is made once per connection, its address
-/// string comes from the server-wide [`KeyCache`] (most connections share a few addresses).
+/// The peer of a connection; its port string is made once per connection (a loop may keep it
+/// aside while the connection idles), its address string comes from the server-wide
+/// [`KeyCache`] (most connections share a few addresses).
 pub struct Peer {
     pub host: PeerHost,
     pub port: u16,
@@ -161,6 +162,23 @@ impl Peer {
             port,
             port_str: OnceLock::new(),
         }
+    }
+
+    /// A peer whose address could not be read (it was gone before getpeername).
+    pub fn unknown() -> Self {
+        // An empty Box<str> allocates nothing.
+        Peer::new(PeerHost::Name("".into()), 0)
+    }
+
+    /// Takes the port string out, for a cache that outlives this connection's turn.
+    pub fn take_port_str(&mut self) -> Option<Py<PyString>> {
+        self.port_str.take()
+    }
+
+    /// Hands back a port string made earlier for this port.
+    pub fn restore_port_str(&mut self, s: Py<PyString>) {
+        // Only an unset cell is filled: a string already there is the same text.
+        let _ = self.port_str.set(s);
     }
 
     fn port_str<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {

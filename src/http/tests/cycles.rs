@@ -236,6 +236,52 @@ fn input_buffer_is_reused_across_cycles() {
     assert_eq!(Some(conn.buf_capacity_for_tests()), capacity_after_warmup);
 }
 
+#[test]
+fn at_rest_only_between_requests_and_reuse_makes_it_fresh() {
+    let mut conn = Connection::new(Limits::default());
+    assert!(conn.at_rest());
+    conn.receive(b"GET / HTTP/1.0\r\n\r\nGET /next HT");
+    assert!(!conn.at_rest(), "bytes received");
+    assert!(matches!(conn.next_event(), Event::Request(_)));
+    assert!(matches!(conn.next_event(), Event::EndOfMessage));
+    let mut out = Vec::new();
+    answer(&mut conn, &mut out);
+    // HTTP/1.0 without keep-alive: this connection is over, never at rest again.
+    assert!(!conn.start_next_cycle());
+    assert!(!conn.at_rest());
+    let kept = conn.buf_capacity_for_tests();
+    conn.reuse(kept);
+    assert!(conn.at_rest());
+    assert_eq!(
+        conn.buf_capacity_for_tests(),
+        kept,
+        "the allocation is kept"
+    );
+    assert_eq!(conn.next_event(), Event::NeedData);
+    // The next peer's HTTP/1.1 request is served as on a new connection.
+    conn.receive(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(matches!(conn.next_event(), Event::Request(_)));
+    assert!(matches!(conn.next_event(), Event::EndOfMessage));
+    out.clear();
+    answer(&mut conn, &mut out);
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(conn.start_next_cycle());
+    assert!(conn.at_rest());
+    conn.receive_eof();
+    assert!(!conn.at_rest(), "input ended");
+    conn.reuse(0);
+    assert!(conn.at_rest());
+    assert_eq!(
+        conn.buf_capacity_for_tests(),
+        0,
+        "a larger buffer is let go"
+    );
+}
+
 /// Not a benchmark harness, just a sanity number: `cargo test --release --lib http:: -- --ignored --nocapture`.
 #[test]
 #[ignore]
