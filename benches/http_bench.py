@@ -245,6 +245,13 @@ class ServerSpec:
 
 def uringserve_command(io_uring: str) -> Callable[[Scenario, int], list[str]]:
     def command(scenario: Scenario, port: int) -> list[str]:
+        # The idle scenario holds its connections past the default cap (1,000) and keep-alive
+        # timeout (5 s); like the peers, which have neither, it must not have them closed.
+        idle = (
+            ["--max-connections", str(scenario.idle + 1000), "--keep-alive-timeout", "3600"]
+            if scenario.idle
+            else []
+        )
         return [
             str(PROJECT_PY),
             "-m",
@@ -257,6 +264,7 @@ def uringserve_command(io_uring: str) -> Callable[[Scenario, int], list[str]]:
             "--no-access-log",
             "--log-level",
             "warning",
+            *idle,
         ]
 
     return command
