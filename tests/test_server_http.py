@@ -334,7 +334,7 @@ def test_environ_completeness(serve: Callable[..., ServerThread]) -> None:
     raw = (
         b"POST /caf%C3%A9/x?a=1&b=%20 HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: text/plain\r\nContent-Length: 4\r\n"
-        b"X-Multi: one\r\nX-Multi: two\r\nUser-Agent: test-agent\r\n\r\nbody"
+        b"X-Multi: one\r\nx-multi: two\r\nUser-Agent: test-agent\r\nX-MULTI: three\r\n\r\nbody"
     )
     with st.connect() as s:
         resp, _ = request(s, raw)
@@ -353,7 +353,7 @@ def test_environ_completeness(serve: Callable[..., ServerThread]) -> None:
     assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
     assert env["REMOTE_ADDR"] == "127.0.0.1"
     assert str(env["REMOTE_PORT"]) == str(local_port)
-    assert env["HTTP_X_MULTI"] == "one,two"
+    assert env["HTTP_X_MULTI"] == "one,two,three"
     assert env["HTTP_USER_AGENT"] == "test-agent"
     assert env["HTTP_HOST"] == "localhost"
     assert "HTTP_CONTENT_TYPE" not in env

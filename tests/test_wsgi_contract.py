@@ -136,3 +136,42 @@ def test_exception_after_head_closes_the_connection(
     with st.connect() as s:
         resp, _ = request(s, get("/"))
     assert resp.body == b"first chunksecond chunk"
+
+
+def test_start_response_and_write_belong_to_their_request(
+    serve: Callable[..., ServerThread],
+) -> None:
+    """An app may keep start_response and write() past its request (PEP 3333 does not forbid
+    it); calling them later must not change the response of a later request."""
+    kept: list[tuple[Callable[..., Any], Callable[[bytes], None]]] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        path = environ["PATH_INFO"]
+        if path == "/keep":
+            write = start_response("200 OK", [("X-First", "1")])
+            write(b"first-")
+            kept.append((start_response, write))
+            return [b"body"]
+        if path == "/stale":
+            old_start, old_write = kept[0]
+            try:
+                old_start("299 Stale", [("X-Stale", "1")])
+            except AssertionError:
+                pass  # that request had already started its response
+            old_write(b"stale")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [path.encode()]
+
+    st = serve(app)
+    with st.connect() as s:
+        reader = Reader(s)
+        s.sendall(get("/keep"))
+        first = reader.read_response()
+        s.sendall(get("/stale") + get("/plain"))
+        stale = reader.read_response()
+        plain = reader.read_response()
+    assert (first.status, first.header("X-First"), first.body) == (200, "1", b"first-body")
+    for resp, body in ((stale, b"/stale"), (plain, b"/plain")):
+        assert resp.status == 200, resp
+        assert resp.body == body
+        assert resp.header("X-First") is None and resp.header("X-Stale") is None

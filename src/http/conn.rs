@@ -202,7 +202,7 @@ impl Connection {
         self.start += head_len;
         self.scanner.reset();
         self.version = request.version;
-        self.head_request = request.method == "HEAD";
+        self.head_request = request.method() == "HEAD";
         self.expect_continue = request.expect_continue;
         self.continue_sent = false;
         self.keep_alive = request.keep_alive && !self.no_reuse;

@@ -22,21 +22,52 @@ impl Version {
     }
 }
 
+/// Where one piece of a request lies in [`Request`]'s text.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn of(text: &[u8], start: usize, len: usize) -> Span {
+        // Heads are bounded by the limits far below 4 GiB; clamping keeps a span in range
+        // should a limit ever be set that high (the lookup then just comes out empty).
+        let clamp = |n: usize| u32::try_from(n.min(text.len())).unwrap_or(0);
+        Span {
+            start: clamp(start),
+            end: clamp(start + len),
+        }
+    }
+
+    fn get(self, text: &[u8]) -> &[u8] {
+        text.get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// One field line: its name (as sent) and value (without surrounding whitespace).
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    name: Span,
+    value: Span,
+}
+
 /// A parsed, validated request head.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Every piece lives in one copy of the head's bytes (the decoded path appended when it
+/// differs from the raw one) and is reached through spans: two allocations per request
+/// instead of one per string.
+#[derive(Clone)]
 pub struct Request {
-    pub method: String,
-    /// The request target exactly as sent.
-    pub target: String,
-    /// The target's path before any `?`, still percent-encoded (`/` for `http://host`).
-    pub raw_path: String,
-    /// `raw_path` percent-decoded; bytes because `%FF` need not be UTF-8.
-    pub path: Vec<u8>,
-    /// Everything after the first `?`, without it; empty if there is none.
-    pub query: String,
+    text: Vec<u8>,
+    method: Span,
+    target: Span,
+    raw_path: Span,
+    path: Span,
+    query: Span,
+    fields: Vec<Field>,
     pub version: Version,
-    /// Field lines in arrival order, names as sent (compare case-insensitively).
-    pub headers: Vec<(String, Vec<u8>)>,
     pub content_length: Option<u64>,
     pub chunked: bool,
     /// What the request asked for; the response side may still decide to close.
@@ -45,13 +76,48 @@ pub struct Request {
     pub expect_continue: bool,
 }
 
+/// Text httparse already checked (method and names are tokens, the target valid UTF-8).
+fn text_of(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
 impl Request {
+    pub fn method(&self) -> &str {
+        text_of(self.method.get(&self.text))
+    }
+
+    /// The request target exactly as sent.
+    pub fn target(&self) -> &str {
+        text_of(self.target.get(&self.text))
+    }
+
+    /// The target's path before any `?`, still percent-encoded (`/` for `http://host`).
+    pub fn raw_path(&self) -> &str {
+        text_of(self.raw_path.get(&self.text))
+    }
+
+    /// `raw_path` percent-decoded; bytes because `%FF` need not be UTF-8.
+    pub fn path(&self) -> &[u8] {
+        self.path.get(&self.text)
+    }
+
+    /// Everything after the first `?`, without it; empty if there is none.
+    pub fn query(&self) -> &str {
+        text_of(self.query.get(&self.text))
+    }
+
+    /// Field lines in arrival order, names as sent (compare case-insensitively).
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &[u8])> + '_ {
+        self.fields
+            .iter()
+            .map(|f| (text_of(f.name.get(&self.text)), f.value.get(&self.text)))
+    }
+
     /// The first field value named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
+        self.headers()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .map(|(_, v)| v)
     }
 
     /// Whether a body follows the head on the wire.
@@ -59,6 +125,47 @@ impl Request {
         self.chunked || self.content_length.is_some_and(|n| n > 0)
     }
 }
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, String)> = self
+            .headers()
+            .map(|(n, v)| (n, String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        f.debug_struct("Request")
+            .field("method", &self.method())
+            .field("target", &self.target())
+            .field("raw_path", &self.raw_path())
+            .field("path", &String::from_utf8_lossy(self.path()))
+            .field("query", &self.query())
+            .field("version", &self.version)
+            .field("headers", &headers)
+            .field("content_length", &self.content_length)
+            .field("chunked", &self.chunked)
+            .field("keep_alive", &self.keep_alive)
+            .field("expect_continue", &self.expect_continue)
+            .finish()
+    }
+}
+
+/// Equal when they say the same, however their text is laid out.
+impl PartialEq for Request {
+    fn eq(&self, other: &Self) -> bool {
+        self.method() == other.method()
+            && self.target() == other.target()
+            && self.raw_path() == other.raw_path()
+            && self.path() == other.path()
+            && self.query() == other.query()
+            && self.version == other.version
+            && self.headers().eq(other.headers())
+            && self.content_length == other.content_length
+            && self.chunked == other.chunked
+            && self.keep_alive == other.keep_alive
+            && self.expect_continue == other.expect_continue
+    }
+}
+
+impl Eq for Request {}
 
 /// Finds where a head ends, resuming where the previous call stopped so a head that trickles
 /// in byte by byte is still scanned once.
@@ -209,7 +316,7 @@ pub(crate) fn parse_head(
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
-    let mut headers = Vec::with_capacity(parsed.headers.len());
+    let mut fields = Vec::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -224,7 +331,10 @@ pub(crate) fn parse_head(
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue |= trim_ows(h.value).eq_ignore_ascii_case(b"100-continue");
         }
-        headers.push((name.to_owned(), h.value.to_vec()));
+        fields.push(Field {
+            name: Span::of(head, offset(head, name.as_bytes()), name.len()),
+            value: Span::of(head, offset(head, h.value), h.value.len()),
+        });
     }
 
     if transfer_encodings > 0 {
@@ -254,22 +364,56 @@ pub(crate) fn parse_head(
     }
 
     let (raw_path, query) = split_target(method, target)?;
-    let mut path = Vec::new();
-    percent_decode(raw_path.as_bytes(), &mut path);
+    // Room for a decoded path at the end, so that appending it does not reallocate.
+    let decoded_room = if raw_path.contains('%') {
+        raw_path.len()
+    } else {
+        1
+    };
+    let mut text = Vec::with_capacity(head.len() + decoded_room);
+    text.extend_from_slice(head);
+    let raw = raw_path;
+    let raw_path = if offset(head, raw.as_bytes()) < head.len() {
+        Span::of(&text, offset(head, raw.as_bytes()), raw.len())
+    } else {
+        // `*`, or the `/` standing for an absolute-form target's empty path: not in the head.
+        let at = text.len();
+        text.extend_from_slice(raw.as_bytes());
+        Span::of(&text, at, raw.len())
+    };
+    let path = if raw.contains('%') {
+        let at = text.len();
+        percent_decode(raw.as_bytes(), &mut text);
+        Span::of(&text, at, text.len() - at)
+    } else {
+        raw_path
+    };
 
     Ok(Request {
-        method: method.to_owned(),
-        target: target.to_owned(),
-        raw_path: raw_path.to_owned(),
+        method: Span::of(&text, offset(head, method.as_bytes()), method.len()),
+        target: Span::of(&text, offset(head, target.as_bytes()), target.len()),
+        raw_path,
         path,
-        query: query.to_owned(),
+        query: Span::of(&text, offset(head, query.as_bytes()), query.len()),
+        fields,
+        text,
         version,
-        headers,
         content_length,
         chunked,
         keep_alive: !close && (version == Version::Http11 || keep_alive_token),
         expect_continue: expect_continue && version == Version::Http11,
     })
+}
+
+/// Where `part`, a slice of `head`, starts in it; `head.len()` for a slice from elsewhere
+/// (the static strings `split_target` may return).
+fn offset(head: &[u8], part: &[u8]) -> usize {
+    let at = (part.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
+    if at <= head.len() && at + part.len() <= head.len() {
+        at
+    } else {
+        head.len()
+    }
 }
 
 fn describe(e: httparse::Error) -> &'static str {

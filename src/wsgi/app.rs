@@ -1,7 +1,7 @@
 //! Calling the WSGI app for one request and framing what it returns through the HTTP core.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -12,7 +12,7 @@ use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 
 use super::environ::{build, template, KeyCache, Peer, ServerInfo};
 use super::input::{EmptyInput, InputStream};
-use super::start_response::{lock, Reply, SharedReply, StartResponse};
+use super::start_response::{lock, Responder, Responders, SharedReply};
 
 /// One app with what every request of it shares.
 pub struct WsgiApp {
@@ -30,6 +30,7 @@ pub struct WsgiApp {
     /// From this request on (0: never), responses say `Connection: close`: the server is
     /// about to stop gracefully, so no client should send another request on the connection.
     pub max_requests: u64,
+    responders: Responders,
 }
 
 impl WsgiApp {
@@ -61,6 +62,7 @@ impl WsgiApp {
             empty_input: Bound::new(py, EmptyInput)?.into_any().unbind(),
             requests: AtomicU64::new(0),
             max_requests: 0,
+            responders: Responders::default(),
         })
     }
 
@@ -98,15 +100,26 @@ impl WsgiApp {
             lock_io(io).conn.refuse_keep_alive();
         }
         let start = lock_io(io).produced();
-        let reply: SharedReply = Arc::new(Mutex::new(Reply::default()));
+        let responder = match self.responders.take(py) {
+            Ok(r) => r,
+            Err(err) => {
+                // Out of memory, most likely: answered like an app failure.
+                self.log_app_error(py, &err, "cannot create start_response");
+                let mut guard = lock_io(io);
+                let io = &mut *guard;
+                io.conn.send_error(500, &mut io.out);
+                return;
+            }
+        };
+        let reply = &responder.reply;
         let outcome = if req.has_body() {
             Bound::new(py, InputStream::new(io.clone(), transport.clone())).and_then(|input| {
-                let result = self.run(py, io, req, input.as_any(), peer, &reply);
+                let result = self.run(py, io, req, input.as_any(), peer, &responder);
                 input.get().finish();
                 result
             })
         } else {
-            self.run(py, io, req, self.empty_input.bind(py), peer, &reply)
+            self.run(py, io, req, self.empty_input.bind(py), peer, &responder)
         };
         // None when the app succeeded; else the status sent for it. A body that broke its
         // framing is the client's error (400, 413); anything else is the app's (500).
@@ -116,11 +129,11 @@ impl WsgiApp {
                 self.log_app_error(
                     py,
                     &err,
-                    &format!("error in WSGI app for {} {}", req.method, req.target),
+                    &format!("error in WSGI app for {} {}", req.method(), req.target()),
                 );
                 let mut guard = lock_io(io);
                 let io = &mut *guard;
-                if !lock(&reply).head_sent {
+                if !lock(reply).head_sent {
                     let keep = start.saturating_sub(io.flushed) as usize;
                     io.out.truncate(keep.min(io.out.len()));
                 }
@@ -135,8 +148,8 @@ impl WsgiApp {
             let code = match failed {
                 Some(status) => status.to_string(),
                 None => {
-                    let reply = lock(&reply);
-                    let status = reply.status.as_deref().unwrap_or("");
+                    let reply = lock(reply);
+                    let status = reply.status().unwrap_or("");
                     status.split(' ').next().unwrap_or("").to_owned()
                 }
             };
@@ -144,14 +157,15 @@ impl WsgiApp {
             let line = format!(
                 "{} - \"{} {} {}\" {} {}",
                 peer.host,
-                req.method,
-                req.target,
+                req.method(),
+                req.target(),
                 req.version.as_str(),
                 code,
                 size
             );
             let _ = access.call_method1(py, "info", (line,));
         }
+        self.responders.give_back(py, responder);
     }
 
     fn run(
@@ -161,8 +175,9 @@ impl WsgiApp {
         req: &Request,
         input: &Bound<'_, PyAny>,
         peer: &Peer,
-        reply: &SharedReply,
+        responder: &Responder,
     ) -> PyResult<()> {
+        let reply = &responder.reply;
         let environ = build(
             py,
             self.template.bind(py),
@@ -171,9 +186,11 @@ impl WsgiApp {
             peer,
             input.clone(),
         )?;
-        let start_response = Bound::new(py, StartResponse::new(reply.clone()))?;
-        let iterable = self.app.bind(py).call1((environ, start_response))?;
-        let outcome = self.drain(py, io, &iterable, reply);
+        let iterable = self
+            .app
+            .bind(py)
+            .call1((environ, responder.callable.bind(py)))?;
+        let outcome = self.drain(io, &iterable, reply);
         // PEP 3333: close() is called whatever happened while iterating. Lists and tuples,
         // the common case, have none; asking them would build an AttributeError per request.
         let plain =
@@ -187,7 +204,6 @@ impl WsgiApp {
 
     fn drain(
         &self,
-        py: Python<'_>,
         io: &SharedIo,
         iterable: &Bound<'_, PyAny>,
         reply: &SharedReply,
@@ -204,31 +220,52 @@ impl WsgiApp {
             .as_ref()
             .and_then(|item| item.cast::<PyBytes>().ok())
             .map(|b| b.as_bytes().len() as u64);
-        for item in iterable.try_iter()? {
-            let item = item?;
-            let chunk = item.cast::<PyBytes>().map_err(|_| {
-                pyo3::exceptions::PyTypeError::new_err(format!(
-                    "the WSGI app yielded {}, not bytes",
-                    item.get_type()
-                        .name()
-                        .map(|n| n.to_string())
-                        .unwrap_or_default()
-                ))
-            })?;
-            let chunk = chunk.as_bytes();
-            if chunk.is_empty() {
-                continue;
+        // Plain lists and tuples are walked in place: no iterator object to create.
+        if let Ok(list) = iterable.cast_exact::<PyList>() {
+            for item in list.iter() {
+                self.send_item(io, reply, hint, &item)?;
             }
-            self.ensure_head(io, reply, hint)?;
-            let mut guard = lock_io(io);
-            let io = &mut *guard;
-            io.conn.write_body(chunk, &mut io.out);
+        } else if let Ok(tuple) = iterable.cast_exact::<PyTuple>() {
+            for item in tuple.iter() {
+                self.send_item(io, reply, hint, &item)?;
+            }
+        } else {
+            for item in iterable.try_iter()? {
+                self.send_item(io, reply, hint, &item?)?;
+            }
         }
-        let _ = py;
         self.ensure_head(io, reply, hint.or(Some(0)))?;
         let mut guard = lock_io(io);
         let io = &mut *guard;
         io.conn.finish_response(&mut io.out);
+        Ok(())
+    }
+
+    /// One item the app's iterable produced: must be bytes; empty ones are skipped.
+    fn send_item(
+        &self,
+        io: &SharedIo,
+        reply: &SharedReply,
+        hint: Option<u64>,
+        item: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let chunk = item.cast::<PyBytes>().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "the WSGI app yielded {}, not bytes",
+                item.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let chunk = chunk.as_bytes();
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.ensure_head(io, reply, hint)?;
+        let mut guard = lock_io(io);
+        let io = &mut *guard;
+        io.conn.write_body(chunk, &mut io.out);
         Ok(())
     }
 
@@ -237,29 +274,30 @@ impl WsgiApp {
         let mut r = lock(reply);
         let mut guard = lock_io(io);
         let ConnIo { conn, out, .. } = &mut *guard;
-        if r.head_sent {
-            if !r.written.is_empty() {
-                let written = std::mem::take(&mut r.written);
-                conn.write_body(&written, out);
+        let reply = &mut *r;
+        if reply.head_sent {
+            if !reply.written.is_empty() {
+                conn.write_body(&reply.written, out);
+                reply.written.clear();
             }
             return Ok(());
         }
-        let reply = &mut *r;
-        let Some(status) = reply.status.as_deref() else {
+        let Some(status) = reply.status() else {
             return Err(pyo3::exceptions::PyAssertionError::new_err(
                 "the WSGI app returned without calling start_response()",
             ));
         };
         // Bytes passed to write() come first and make the length unknown up front.
         let hint = if reply.written.is_empty() { hint } else { None };
-        conn.start_response(status, &reply.headers(), hint, out)
+        reply
+            .with_headers(|headers| conn.start_response(status, headers, hint, out))
             .map_err(|e| {
                 pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}"))
             })?;
         reply.head_sent = true;
-        if !r.written.is_empty() {
-            let written = std::mem::take(&mut r.written);
-            conn.write_body(&written, out);
+        if !reply.written.is_empty() {
+            conn.write_body(&reply.written, out);
+            reply.written.clear();
         }
         Ok(())
     }

@@ -52,6 +52,12 @@ pub fn template<'py>(py: Python<'py>, info: &ServerInfo) -> PyResult<Bound<'py, 
     ] {
         d.set_item(PyString::intern(py, key), py.None())?;
     }
+    // Those keys fill the dict's table exactly, so the first header of every request would
+    // make each copy resize. One more key grows the template's table instead, and removing
+    // it again keeps the size: copies are made at that size, with room for the headers.
+    let spare = PyString::new(py, "uringserve.spare");
+    d.set_item(&spare, py.None())?;
+    d.del_item(&spare)?;
     Ok(d)
 }
 
@@ -212,15 +218,15 @@ pub fn build<'py>(
     input: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = template.copy()?;
-    env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &req.method))?;
-    env.set_item(intern!(py, "PATH_INFO"), latin1_str(py, &req.path))?;
-    let query = if req.query.is_empty() {
+    env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, req.method()))?;
+    env.set_item(intern!(py, "PATH_INFO"), latin1_str(py, req.path()))?;
+    let query = if req.query().is_empty() {
         intern!(py, "").clone()
     } else {
-        PyString::new(py, &req.query)
+        PyString::new(py, req.query())
     };
     env.set_item(intern!(py, "QUERY_STRING"), query)?;
-    let target = PyString::new(py, &req.target);
+    let target = PyString::new(py, req.target());
     env.set_item(intern!(py, "RAW_URI"), &target)?;
     env.set_item(intern!(py, "REQUEST_URI"), target)?;
     let protocol = match req.version {
@@ -231,19 +237,27 @@ pub fn build<'py>(
     env.set_item(intern!(py, "REMOTE_ADDR"), keys.addr(py, &peer.host))?;
     env.set_item(intern!(py, "REMOTE_PORT"), peer.port_str(py))?;
     env.set_item(intern!(py, "wsgi.input"), input)?;
-    for (name, value) in &req.headers {
+    for (i, (name, value)) in req.headers().enumerate() {
         let Some(key) = keys.key(py, name) else {
             continue;
         };
+        // Names equal but for case give the same key, and no other two do ('_' is refused,
+        // '-' is the only byte mapped to '_'), so repeats are found without asking the dict.
+        let repeated = req
+            .headers()
+            .take(i)
+            .any(|(earlier, _)| earlier.eq_ignore_ascii_case(name));
         let value = latin1_str(py, value);
-        match env.get_item(&key)? {
-            // Repeated fields are one field with a comma-separated list (RFC 9110, 5.3).
-            Some(prev) if key.to_str()? != "CONTENT_LENGTH" => {
+        if !repeated {
+            env.set_item(&key, value)?;
+            continue;
+        }
+        // Repeated fields are one field with a comma-separated list (RFC 9110, 5.3).
+        if key.to_str()? != "CONTENT_LENGTH" {
+            if let Some(prev) = env.get_item(&key)? {
                 let joined = format!("{},{}", prev.extract::<String>()?, value.to_str()?);
                 env.set_item(&key, joined)?;
             }
-            Some(_) => {}
-            None => env.set_item(&key, value)?,
         }
     }
     Ok(env)

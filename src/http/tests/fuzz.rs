@@ -402,7 +402,7 @@ fn noise() -> impl Strategy<Value = Bytes> {
 #[derive(Debug, Clone)]
 struct Valid {
     wire: Bytes,
-    request: Request,
+    request: Parsed,
     body: Vec<u8>,
 }
 
@@ -772,7 +772,7 @@ fn build_valid(shape: Shape) -> Valid {
         }
     };
 
-    let request = Request {
+    let request = Parsed {
         method: method.to_owned(),
         target: target_text,
         raw_path,
@@ -1345,7 +1345,7 @@ proptest! {
     ) {
         let input = smuggling_input(&case);
         let seen = run(Limits::default(), app, &input, &split, eof);
-        let requests: Vec<&Request> = seen
+        let requests: Vec<&Parsed> = seen
             .iter()
             .filter_map(|o| match o {
                 Obs::Ev(Ev::Req(r)) => Some(&**r),
