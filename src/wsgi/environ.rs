@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -95,44 +95,115 @@ fn cgi_name(name: &str) -> Option<String> {
     Some(key)
 }
 
-/// Header names seen so far, as interned environ keys: a dict insert with an interned key
-/// skips building and hashing a new str. Bounded, so odd names from clients cannot grow it.
+/// Strings the environ needs again and again, made once per server instead of per request:
+/// header names as interned keys (a dict insert with one skips hashing a new str), peer
+/// addresses, and recently seen short values (Host, paths, common header values). Bounded,
+/// so odd input from clients cannot grow it.
 #[derive(Default)]
 pub struct KeyCache {
-    keys: Mutex<HashMap<String, Option<Py<PyString>>>>,
+    strings: Mutex<Strings>,
+}
+
+#[derive(Default)]
+struct Strings {
+    keys: HashMap<String, Option<Py<PyString>>>,
     /// Peer addresses as str, shared by their connections instead of one copy each.
-    addrs: Mutex<HashMap<IpAddr, Py<PyString>>>,
+    addrs: HashMap<IpAddr, Py<PyString>>,
+    /// Direct-mapped: a value evicts whatever shared its slot, so lookups stay one compare
+    /// whatever clients send.
+    recent: [Option<(Vec<u8>, Py<PyString>)>; RECENT_SLOTS],
 }
 
 const KEY_CACHE_MAX: usize = 512;
 const ADDR_CACHE_MAX: usize = 4096;
+const RECENT_SLOTS: usize = 32;
+/// Longer values (cookies, tokens) rarely repeat exactly; they are made afresh.
+const RECENT_MAX_LEN: usize = 64;
 
 impl KeyCache {
-    fn addr<'py>(&self, py: Python<'py>, host: &PeerHost) -> Bound<'py, PyString> {
+    /// The cache for one request, or None while another thread holds it (that thread may be
+    /// waiting for the GIL this one holds, so waiting here could deadlock): the request then
+    /// makes its strings afresh.
+    fn strings(&self) -> Option<MutexGuard<'_, Strings>> {
+        match self.strings.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+impl Strings {
+    fn addr<'py>(&mut self, py: Python<'py>, host: &PeerHost) -> Bound<'py, PyString> {
         let PeerHost::Ip(ip) = host else {
             return PyString::new(py, &host.to_string());
         };
-        let mut addrs = self.addrs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = addrs.get(ip) {
+        if let Some(s) = self.addrs.get(ip) {
             return s.bind(py).clone();
         }
         let s = PyString::new(py, &ip.to_string());
-        if addrs.len() < ADDR_CACHE_MAX {
-            addrs.insert(*ip, s.clone().unbind());
+        if self.addrs.len() < ADDR_CACHE_MAX {
+            self.addrs.insert(*ip, s.clone().unbind());
         }
         s
     }
 
-    fn key<'py>(&self, py: Python<'py>, name: &str) -> Option<Bound<'py, PyString>> {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(key) = keys.get(name) {
+    fn key<'py>(&mut self, py: Python<'py>, name: &str) -> Option<Bound<'py, PyString>> {
+        if let Some(key) = self.keys.get(name) {
             return key.as_ref().map(|k| k.bind(py).clone());
         }
         let key = cgi_name(name).map(|k| PyString::intern(py, &k));
-        if keys.len() < KEY_CACHE_MAX {
-            keys.insert(name.to_owned(), key.as_ref().map(|k| k.clone().unbind()));
+        if self.keys.len() < KEY_CACHE_MAX {
+            self.keys
+                .insert(name.to_owned(), key.as_ref().map(|k| k.clone().unbind()));
         }
         key
+    }
+
+    /// `bytes` as a str, shared with earlier requests that had the same short ASCII value
+    /// (for ASCII, latin-1 and UTF-8 agree, so every caller's conversion gives that str).
+    fn value<'py>(&mut self, py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
+        if bytes.len() > RECENT_MAX_LEN || !bytes.is_ascii() {
+            return latin1_str(py, bytes);
+        }
+        let slot = &mut self.recent[recent_slot(bytes)];
+        if let Some((cached, s)) = slot {
+            if cached.as_slice() == bytes {
+                return s.bind(py).clone();
+            }
+        }
+        let s = latin1_str(py, bytes);
+        match slot {
+            // The old buffer is reused: steady traffic settles without allocating here.
+            Some((cached, old)) => {
+                cached.clear();
+                cached.extend_from_slice(bytes);
+                *old = s.clone().unbind();
+            }
+            None => *slot = Some((bytes.to_vec(), s.clone().unbind())),
+        }
+        s
+    }
+}
+
+fn recent_slot(bytes: &[u8]) -> usize {
+    let (first, last) = (bytes.first(), bytes.last());
+    let mix = bytes.len()
+        ^ usize::from(first.copied().unwrap_or(0)) << 2
+        ^ usize::from(last.copied().unwrap_or(0)) << 1
+        ^ usize::from(bytes.get(bytes.len() / 2).copied().unwrap_or(0));
+    mix % RECENT_SLOTS
+}
+
+/// A value through the cache when there is one.
+fn cached_value<'py>(
+    py: Python<'py>,
+    cache: &mut Option<MutexGuard<'_, Strings>>,
+    bytes: &[u8],
+) -> Bound<'py, PyString> {
+    match cache {
+        Some(strings) => strings.value(py, bytes),
+        None => latin1_str(py, bytes),
     }
 }
 
@@ -218,15 +289,23 @@ pub fn build<'py>(
     input: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = template.copy()?;
+    let mut cache = keys.strings();
     env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, req.method()))?;
-    env.set_item(intern!(py, "PATH_INFO"), latin1_str(py, req.path()))?;
-    let query = if req.query().is_empty() {
-        intern!(py, "").clone()
-    } else {
-        PyString::new(py, req.query())
+    let path = cached_value(py, &mut cache, req.path());
+    let query = match req.query() {
+        "" => intern!(py, "").clone(),
+        q if q.is_ascii() => cached_value(py, &mut cache, q.as_bytes()),
+        q => PyString::new(py, q),
     };
     env.set_item(intern!(py, "QUERY_STRING"), query)?;
-    let target = PyString::new(py, req.target());
+    let target = match req.target() {
+        // Most targets are just the path: one str serves both (when ASCII, where the path's
+        // latin-1 and the target's UTF-8 decoding agree).
+        t if t.is_ascii() && t.as_bytes() == req.path() => path.clone(),
+        t if t.is_ascii() => cached_value(py, &mut cache, t.as_bytes()),
+        t => PyString::new(py, t),
+    };
+    env.set_item(intern!(py, "PATH_INFO"), path)?;
     env.set_item(intern!(py, "RAW_URI"), &target)?;
     env.set_item(intern!(py, "REQUEST_URI"), target)?;
     let protocol = match req.version {
@@ -234,11 +313,19 @@ pub fn build<'py>(
         Version::Http10 => intern!(py, "HTTP/1.0"),
     };
     env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
-    env.set_item(intern!(py, "REMOTE_ADDR"), keys.addr(py, &peer.host))?;
+    let addr = match &mut cache {
+        Some(strings) => strings.addr(py, &peer.host),
+        None => PyString::new(py, &peer.host.to_string()),
+    };
+    env.set_item(intern!(py, "REMOTE_ADDR"), addr)?;
     env.set_item(intern!(py, "REMOTE_PORT"), peer.port_str(py))?;
     env.set_item(intern!(py, "wsgi.input"), input)?;
     for (i, (name, value)) in req.headers().enumerate() {
-        let Some(key) = keys.key(py, name) else {
+        let key = match &mut cache {
+            Some(strings) => strings.key(py, name),
+            None => cgi_name(name).map(|k| PyString::intern(py, &k)),
+        };
+        let Some(key) = key else {
             continue;
         };
         // Names equal but for case give the same key, and no other two do ('_' is refused,
@@ -247,7 +334,7 @@ pub fn build<'py>(
             .headers()
             .take(i)
             .any(|(earlier, _)| earlier.eq_ignore_ascii_case(name));
-        let value = latin1_str(py, value);
+        let value = cached_value(py, &mut cache, value);
         if !repeated {
             env.set_item(&key, value)?;
             continue;
