@@ -328,6 +328,71 @@ def test_keep_alive_requests_reuse_their_peer_strings(serve: Callable[..., Serve
         assert all(s is strings[0] for s in strings), path
 
 
+def test_environ_keys_follow_each_request(serve: Callable[..., ServerThread]) -> None:
+    """Requests that differ in method, query, version, body and headers, one after the other
+    on the same server: each environ says what its own request said, nothing from another."""
+    seen: list[dict[str, Any]] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        keys = ("REQUEST_METHOD", "QUERY_STRING", "SERVER_PROTOCOL", "PATH_INFO", "RAW_URI")
+        entry = {k: environ[k] for k in keys}
+        entry["body"] = environ["wsgi.input"].read()
+        entry["headers"] = sorted(k for k in environ if k.startswith("HTTP_"))
+        seen.append(entry)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    st = serve(app)
+    requests = [
+        b"POST /a%20b?x=1 HTTP/1.1\r\nHost: h\r\nX-One: 1\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET /c HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"DELETE /a%20b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+    for raw in requests:
+        with st.connect() as s:
+            resp, _ = request(s, raw)
+            assert resp.status == 200
+    assert seen == [
+        {
+            "REQUEST_METHOD": "POST",
+            "QUERY_STRING": "x=1",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "PATH_INFO": "/a b",
+            "RAW_URI": "/a%20b?x=1",
+            "body": b"abc",
+            "headers": ["HTTP_HOST", "HTTP_X_ONE"],
+        },
+        {
+            "REQUEST_METHOD": "GET",
+            "QUERY_STRING": "",
+            "SERVER_PROTOCOL": "HTTP/1.0",
+            "PATH_INFO": "/c",
+            "RAW_URI": "/c",
+            "body": b"",
+            "headers": [],
+        },
+        {
+            "REQUEST_METHOD": "GET",
+            "QUERY_STRING": "",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "PATH_INFO": "/",
+            "RAW_URI": "/",
+            "body": b"",
+            "headers": ["HTTP_HOST"],
+        },
+        {
+            "REQUEST_METHOD": "DELETE",
+            "QUERY_STRING": "x=1",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "PATH_INFO": "/a b",
+            "RAW_URI": "/a%20b?x=1",
+            "body": b"",
+            "headers": ["HTTP_HOST"],
+        },
+    ]
+
+
 def test_environ_completeness(serve: Callable[..., ServerThread]) -> None:
     seen: list[Environ] = []
     st = serve(environ_app(seen))

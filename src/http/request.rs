@@ -1,5 +1,6 @@
 //! Request heads: finding a head's end under the limits, then parsing and vetting it.
 
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 
 use super::error::HttpError;
@@ -167,6 +168,42 @@ impl PartialEq for Request {
 
 impl Eq for Request {}
 
+thread_local! {
+    // The buffers of the last request dropped on this thread, for the next one parsed here:
+    // a connection's requests then cost no allocation for their text and field list.
+    static SPARE: Cell<Option<(Vec<u8>, Vec<Field>)>> = const { Cell::new(None) };
+}
+
+/// Buffers grown past these by an odd request are freed rather than kept.
+const SPARE_TEXT_MAX: usize = 16 * 1024;
+const SPARE_FIELDS_MAX: usize = 128;
+
+/// Empty buffers for a new request, reusing the spare ones when there are some.
+fn take_spare() -> (Vec<u8>, Vec<Field>) {
+    let (mut text, mut fields) = SPARE
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    text.clear();
+    fields.clear();
+    (text, fields)
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if self.text.capacity() > SPARE_TEXT_MAX || self.fields.capacity() > SPARE_FIELDS_MAX {
+            return;
+        }
+        let spare = (
+            std::mem::take(&mut self.text),
+            std::mem::take(&mut self.fields),
+        );
+        // Fails only while the thread is exiting; the buffers are then simply freed.
+        let _ = SPARE.try_with(|s| s.set(Some(spare)));
+    }
+}
+
 /// Finds where a head ends, resuming where the previous call stopped so a head that trickles
 /// in byte by byte is still scanned once.
 ///
@@ -316,7 +353,8 @@ pub(crate) fn parse_head(
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
-    let mut fields = Vec::with_capacity(parsed.headers.len());
+    let (mut text, mut fields) = take_spare();
+    fields.reserve(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -370,7 +408,7 @@ pub(crate) fn parse_head(
     } else {
         1
     };
-    let mut text = Vec::with_capacity(head.len() + decoded_room);
+    text.reserve(head.len() + decoded_room);
     text.extend_from_slice(head);
     let raw = raw_path;
     let raw_path = if offset(head, raw.as_bytes()) < head.len() {

@@ -23,8 +23,6 @@ pub struct WsgiApp {
     /// logging.Logger "uringserve.access" when access logging is on.
     pub access_log: Option<Py<PyAny>>,
     keys: KeyCache,
-    /// The wsgi.input of every request without a body.
-    empty_input: Py<PyAny>,
     /// Requests taken so far, for recycling a worker after `--max-requests`.
     requests: AtomicU64,
     /// From this request on (0: never), responses say `Connection: close`: the server is
@@ -53,13 +51,13 @@ impl WsgiApp {
         } else {
             None
         };
+        let empty_input = Bound::new(py, EmptyInput)?.into_any();
         Ok(WsgiApp {
             app,
-            template: template(py, info)?.unbind(),
+            template: template(py, info, &empty_input)?.unbind(),
             error_log,
             access_log,
             keys: KeyCache::default(),
-            empty_input: Bound::new(py, EmptyInput)?.into_any().unbind(),
             requests: AtomicU64::new(0),
             max_requests: 0,
             responders: Responders::default(),
@@ -114,12 +112,12 @@ impl WsgiApp {
         let reply = &responder.reply;
         let outcome = if req.has_body() {
             Bound::new(py, InputStream::new(io.clone(), transport.clone())).and_then(|input| {
-                let result = self.run(py, io, req, input.as_any(), peer, &responder);
+                let result = self.run(py, io, req, Some(input.as_any()), peer, &responder);
                 input.get().finish();
                 result
             })
         } else {
-            self.run(py, io, req, self.empty_input.bind(py), peer, &responder)
+            self.run(py, io, req, None, peer, &responder)
         };
         // None when the app succeeded; else the status sent for it. A body that broke its
         // framing is the client's error (400, 413); anything else is the app's (500).
@@ -173,19 +171,13 @@ impl WsgiApp {
         py: Python<'_>,
         io: &SharedIo,
         req: &Request,
-        input: &Bound<'_, PyAny>,
+        // None for a request without a body: the template's shared empty stream serves.
+        input: Option<&Bound<'_, PyAny>>,
         peer: &Peer,
         responder: &Responder,
     ) -> PyResult<()> {
         let reply = &responder.reply;
-        let environ = build(
-            py,
-            self.template.bind(py),
-            &self.keys,
-            req,
-            peer,
-            input.clone(),
-        )?;
+        let environ = build(py, self.template.bind(py), &self.keys, req, peer, input)?;
         let iterable = self
             .app
             .bind(py)

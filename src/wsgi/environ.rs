@@ -23,7 +23,12 @@ pub struct ServerInfo {
 }
 
 /// The environ dict every request starts from (copied, never shared with an app).
-pub fn template<'py>(py: Python<'py>, info: &ServerInfo) -> PyResult<Bound<'py, PyDict>> {
+/// `empty_input` is the wsgi.input of every request without a body.
+pub fn template<'py>(
+    py: Python<'py>,
+    info: &ServerInfo,
+    empty_input: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("wsgi.version", PyTuple::new(py, [1, 0])?)?;
     d.set_item("wsgi.url_scheme", info.url_scheme)?;
@@ -37,20 +42,22 @@ pub fn template<'py>(py: Python<'py>, info: &ServerInfo) -> PyResult<Bound<'py, 
     d.set_item("SERVER_NAME", &info.server_name)?;
     d.set_item("SERVER_PORT", info.server_port.to_string())?;
     d.set_item("SERVER_SOFTWARE", &info.software)?;
-    // Every request sets these; placeholders in the template make each copy big enough up
-    // front, so filling it in does not resize the dict (build() overwrites them all).
+    // Every request has these. The usual values are in the template, so a GET without a
+    // query or body sets fewer keys; the others are placeholders, which make each copy big
+    // enough up front that filling it in does not resize it. build() sets every one whose
+    // value differs.
+    d.set_item(intern!(py, "REQUEST_METHOD"), intern!(py, "GET"))?;
+    d.set_item(intern!(py, "QUERY_STRING"), intern!(py, ""))?;
+    d.set_item(intern!(py, "SERVER_PROTOCOL"), intern!(py, "HTTP/1.1"))?;
+    d.set_item(intern!(py, "wsgi.input"), empty_input)?;
     for key in [
-        "REQUEST_METHOD",
-        "PATH_INFO",
-        "QUERY_STRING",
-        "RAW_URI",
-        "REQUEST_URI",
-        "SERVER_PROTOCOL",
-        "REMOTE_ADDR",
-        "REMOTE_PORT",
-        "wsgi.input",
+        intern!(py, "PATH_INFO"),
+        intern!(py, "RAW_URI"),
+        intern!(py, "REQUEST_URI"),
+        intern!(py, "REMOTE_ADDR"),
+        intern!(py, "REMOTE_PORT"),
     ] {
-        d.set_item(PyString::intern(py, key), py.None())?;
+        d.set_item(key, py.None())?;
     }
     // Those keys fill the dict's table exactly, so the first header of every request would
     // make each copy resize. One more key grows the template's table instead, and removing
@@ -286,18 +293,23 @@ pub fn build<'py>(
     keys: &KeyCache,
     req: &Request,
     peer: &Peer,
-    input: Bound<'py, PyAny>,
+    input: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = template.copy()?;
     let mut cache = keys.strings();
-    env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, req.method()))?;
+    let method = req.method();
+    if method != "GET" {
+        env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, method))?;
+    }
     let path = cached_value(py, &mut cache, req.path());
     let query = match req.query() {
-        "" => intern!(py, "").clone(),
-        q if q.is_ascii() => cached_value(py, &mut cache, q.as_bytes()),
-        q => PyString::new(py, q),
+        "" => None,
+        q if q.is_ascii() => Some(cached_value(py, &mut cache, q.as_bytes())),
+        q => Some(PyString::new(py, q)),
     };
-    env.set_item(intern!(py, "QUERY_STRING"), query)?;
+    if let Some(query) = query {
+        env.set_item(intern!(py, "QUERY_STRING"), query)?;
+    }
     let target = match req.target() {
         // Most targets are just the path: one str serves both (when ASCII, where the path's
         // latin-1 and the target's UTF-8 decoding agree).
@@ -308,18 +320,18 @@ pub fn build<'py>(
     env.set_item(intern!(py, "PATH_INFO"), path)?;
     env.set_item(intern!(py, "RAW_URI"), &target)?;
     env.set_item(intern!(py, "REQUEST_URI"), target)?;
-    let protocol = match req.version {
-        Version::Http11 => intern!(py, "HTTP/1.1"),
-        Version::Http10 => intern!(py, "HTTP/1.0"),
-    };
-    env.set_item(intern!(py, "SERVER_PROTOCOL"), protocol)?;
+    if req.version == Version::Http10 {
+        env.set_item(intern!(py, "SERVER_PROTOCOL"), intern!(py, "HTTP/1.0"))?;
+    }
     let addr = match &mut cache {
         Some(strings) => strings.addr(py, &peer.host),
         None => PyString::new(py, &peer.host.to_string()),
     };
     env.set_item(intern!(py, "REMOTE_ADDR"), addr)?;
     env.set_item(intern!(py, "REMOTE_PORT"), peer.port_str(py))?;
-    env.set_item(intern!(py, "wsgi.input"), input)?;
+    if let Some(input) = input {
+        env.set_item(intern!(py, "wsgi.input"), input)?;
+    }
     for (i, (name, value)) in req.headers().enumerate() {
         let key = match &mut cache {
             Some(strings) => strings.key(py, name),
