@@ -2,8 +2,37 @@
 
 /// `tchar` from RFC 9110 §5.6.2, the alphabet of field names and methods.
 pub(crate) fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
+
+/// One lookup per byte: every response header name is checked against it.
+static TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    table
+};
 
 pub(crate) fn is_token(s: &[u8]) -> bool {
     !s.is_empty() && s.iter().all(|&b| is_tchar(b))
@@ -104,6 +133,15 @@ mod tests {
         assert!(has_token(b" , upgrade ,close ,", "close"));
         assert!(!has_token(b"closed", "close"));
         assert!(!has_token(b"", "close"));
+    }
+
+    #[test]
+    fn tchar_table_is_rfc_9110() {
+        let specials = b"!#$%&'*+-.^_`|~";
+        for b in 0..=255u8 {
+            let want = b.is_ascii_alphanumeric() || specials.contains(&b);
+            assert_eq!(is_tchar(b), want, "{b:#04x}");
+        }
     }
 
     #[test]

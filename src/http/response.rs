@@ -166,6 +166,12 @@ pub(crate) fn write_head<N: AsRef<[u8]>, V: AsRef<[u8]>>(
     plan: &Plan,
     version: Version,
 ) {
+    // One reservation for the whole head: the app's part plus what is added here.
+    let app_bytes: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 4)
+        .sum();
+    out.reserve(status.len() + app_bytes + 160);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_bytes());
     if status.len() == 3 {

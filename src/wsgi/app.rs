@@ -7,12 +7,12 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
-use crate::http::Request;
+use crate::http::{Connection, Request};
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 
 use super::environ::{build, template, KeyCache, Peer, ServerInfo};
 use super::input::{EmptyInput, InputStream};
-use super::start_response::{lock, Responder, Responders, SharedReply};
+use super::start_response::{lock, Reply, Responder, Responders, SharedReply};
 
 /// One app with what every request of it shares.
 pub struct WsgiApp {
@@ -200,6 +200,13 @@ impl WsgiApp {
         iterable: &Bound<'_, PyAny>,
         reply: &SharedReply,
     ) -> PyResult<()> {
+        // Plain lists and tuples are walked in place: no iterator object to create.
+        if let Ok(list) = iterable.cast_exact::<PyList>() {
+            return send_sequence(io, reply, list.len(), list.iter());
+        }
+        if let Ok(tuple) = iterable.cast_exact::<PyTuple>() {
+            return send_sequence(io, reply, tuple.len(), tuple.iter());
+        }
         // A one-element list or tuple has a known length: frame it with Content-Length.
         let single = if let Ok(list) = iterable.cast::<PyList>() {
             (list.len() == 1).then(|| list.get_item(0)).transpose()?
@@ -212,85 +219,103 @@ impl WsgiApp {
             .as_ref()
             .and_then(|item| item.cast::<PyBytes>().ok())
             .map(|b| b.as_bytes().len() as u64);
-        // Plain lists and tuples are walked in place: no iterator object to create.
-        if let Ok(list) = iterable.cast_exact::<PyList>() {
-            for item in list.iter() {
-                self.send_item(io, reply, hint, &item)?;
+        for item in iterable.try_iter()? {
+            let item = item?;
+            let chunk = item.cast::<PyBytes>().map_err(|_| not_bytes(&item))?;
+            let chunk = chunk.as_bytes();
+            if chunk.is_empty() {
+                continue;
             }
-        } else if let Ok(tuple) = iterable.cast_exact::<PyTuple>() {
-            for item in tuple.iter() {
-                self.send_item(io, reply, hint, &item)?;
-            }
-        } else {
-            for item in iterable.try_iter()? {
-                self.send_item(io, reply, hint, &item?)?;
-            }
+            // Locked per item: the iterable runs Python code (maybe reading wsgi.input,
+            // which needs the connection) between items.
+            let mut r = lock(reply);
+            let mut guard = lock_io(io);
+            let ConnIo { conn, out, .. } = &mut *guard;
+            write_head(&mut r, conn, out, hint)?;
+            conn.write_body(chunk, out);
         }
-        self.ensure_head(io, reply, hint.or(Some(0)))?;
-        let mut guard = lock_io(io);
-        let io = &mut *guard;
-        io.conn.finish_response(&mut io.out);
-        Ok(())
-    }
-
-    /// One item the app's iterable produced: must be bytes; empty ones are skipped.
-    fn send_item(
-        &self,
-        io: &SharedIo,
-        reply: &SharedReply,
-        hint: Option<u64>,
-        item: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let chunk = item.cast::<PyBytes>().map_err(|_| {
-            pyo3::exceptions::PyTypeError::new_err(format!(
-                "the WSGI app yielded {}, not bytes",
-                item.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        let chunk = chunk.as_bytes();
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        self.ensure_head(io, reply, hint)?;
-        let mut guard = lock_io(io);
-        let io = &mut *guard;
-        io.conn.write_body(chunk, &mut io.out);
-        Ok(())
-    }
-
-    /// Writes the head once: when the first body bytes are ready, or at the end.
-    fn ensure_head(&self, io: &SharedIo, reply: &SharedReply, hint: Option<u64>) -> PyResult<()> {
         let mut r = lock(reply);
         let mut guard = lock_io(io);
         let ConnIo { conn, out, .. } = &mut *guard;
-        let reply = &mut *r;
-        if reply.head_sent {
-            if !reply.written.is_empty() {
-                conn.write_body(&reply.written, out);
-                reply.written.clear();
-            }
-            return Ok(());
-        }
-        let Some(status) = reply.status() else {
-            return Err(pyo3::exceptions::PyAssertionError::new_err(
-                "the WSGI app returned without calling start_response()",
-            ));
+        write_head(&mut r, conn, out, hint.or(Some(0)))?;
+        conn.finish_response(out);
+        Ok(())
+    }
+}
+
+/// The items of a plain list or tuple, all under one lock: no Python code runs between them.
+fn send_sequence<'py>(
+    io: &SharedIo,
+    reply: &SharedReply,
+    len: usize,
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    let mut r = lock(reply);
+    let mut guard = lock_io(io);
+    let ConnIo { conn, out, .. } = &mut *guard;
+    // A single item has a known length: frame it with Content-Length.
+    let mut hint = None;
+    for item in items {
+        let Ok(chunk) = item.cast::<PyBytes>() else {
+            // Naming the type makes a str, which may run Python code: not under the locks.
+            drop(guard);
+            drop(r);
+            return Err(not_bytes(&item));
         };
-        // Bytes passed to write() come first and make the length unknown up front.
-        let hint = if reply.written.is_empty() { hint } else { None };
-        reply
-            .with_headers(|headers| conn.start_response(status, headers, hint, out))
-            .map_err(|e| {
-                pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}"))
-            })?;
-        reply.head_sent = true;
+        let chunk = chunk.as_bytes();
+        if len == 1 {
+            hint = Some(chunk.len() as u64);
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        write_head(&mut r, conn, out, hint)?;
+        conn.write_body(chunk, out);
+    }
+    write_head(&mut r, conn, out, hint.or(Some(0)))?;
+    conn.finish_response(out);
+    Ok(())
+}
+
+fn not_bytes(item: &Bound<'_, PyAny>) -> PyErr {
+    pyo3::exceptions::PyTypeError::new_err(format!(
+        "the WSGI app yielded {}, not bytes",
+        item.get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    ))
+}
+
+/// Writes the head once: when the first body bytes are ready, or at the end. Bytes the app
+/// passed to write() go out first.
+fn write_head(
+    reply: &mut Reply,
+    conn: &mut Connection,
+    out: &mut Vec<u8>,
+    hint: Option<u64>,
+) -> PyResult<()> {
+    if reply.head_sent {
         if !reply.written.is_empty() {
             conn.write_body(&reply.written, out);
             reply.written.clear();
         }
-        Ok(())
+        return Ok(());
     }
+    let Some(status) = reply.status() else {
+        return Err(pyo3::exceptions::PyAssertionError::new_err(
+            "the WSGI app returned without calling start_response()",
+        ));
+    };
+    // Bytes passed to write() come first and make the length unknown up front.
+    let hint = if reply.written.is_empty() { hint } else { None };
+    reply
+        .with_headers(|headers| conn.start_response(status, headers, hint, out))
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}")))?;
+    reply.head_sent = true;
+    if !reply.written.is_empty() {
+        conn.write_body(&reply.written, out);
+        reply.written.clear();
+    }
+    Ok(())
 }

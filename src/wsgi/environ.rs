@@ -142,8 +142,10 @@ impl KeyCache {
 
 impl Strings {
     fn addr<'py>(&mut self, py: Python<'py>, host: &PeerHost) -> Bound<'py, PyString> {
-        let PeerHost::Ip(ip) = host else {
-            return PyString::new(py, &host.to_string());
+        let ip = match host {
+            PeerHost::Ip(ip) => ip,
+            // The epoll loop's peers come as text: shared like any other short value.
+            PeerHost::Name(name) => return self.value(py, name.as_bytes()),
         };
         if let Some(s) = self.addrs.get(ip) {
             return s.bind(py).clone();
