@@ -23,7 +23,7 @@ impl Version {
     }
 }
 
-/// Where one piece of a request lies in [`Request`]'s text.
+/// Where one piece of a request lies in [`Request`]'s text or bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Span {
     start: u32,
@@ -31,17 +31,24 @@ struct Span {
 }
 
 impl Span {
-    fn of(text: &[u8], start: usize, len: usize) -> Span {
+    /// `limit` is the length of the buffer the span is in.
+    fn of(limit: usize, start: usize, len: usize) -> Span {
         // Heads are bounded by the limits far below 4 GiB; clamping keeps a span in range
         // should a limit ever be set that high (the lookup then just comes out empty).
-        let clamp = |n: usize| u32::try_from(n.min(text.len())).unwrap_or(0);
+        let clamp = |n: usize| u32::try_from(n.min(limit)).unwrap_or(0);
         Span {
             start: clamp(start),
             end: clamp(start + len),
         }
     }
 
-    fn get(self, text: &[u8]) -> &[u8] {
+    fn get(self, bytes: &[u8]) -> &[u8] {
+        bytes
+            .get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+
+    fn str(self, text: &str) -> &str {
         text.get(self.start as usize..self.end as usize)
             .unwrap_or_default()
     }
@@ -56,12 +63,19 @@ struct Field {
 
 /// A parsed, validated request head.
 ///
-/// Every piece lives in one copy of the head's bytes (the decoded path appended when it
-/// differs from the raw one) and is reached through spans: two allocations per request
-/// instead of one per string.
+/// Every piece lives in one copy of the head and is reached through spans, instead of one
+/// allocation per string; the buffers are recycled from request to request.
 #[derive(Clone)]
 pub struct Request {
-    text: Vec<u8>,
+    /// The head as text, so the pieces that are text need no UTF-8 check when read. Should
+    /// the head not be UTF-8 (obs-text in a field value), the bytes of its invalid sequences
+    /// are `?` here, which keeps every offset; the values are then read from `bytes`.
+    text: String,
+    /// The decoded path when it differs from the raw one, and the head verbatim when it is
+    /// not UTF-8.
+    bytes: Vec<u8>,
+    values_in_bytes: bool,
+    path_in_bytes: bool,
     method: Span,
     target: Span,
     raw_path: Span,
@@ -77,41 +91,45 @@ pub struct Request {
     pub expect_continue: bool,
 }
 
-/// Text httparse already checked (method and names are tokens, the target valid UTF-8).
-fn text_of(bytes: &[u8]) -> &str {
-    std::str::from_utf8(bytes).unwrap_or_default()
-}
-
 impl Request {
     pub fn method(&self) -> &str {
-        text_of(self.method.get(&self.text))
+        self.method.str(&self.text)
     }
 
     /// The request target exactly as sent.
     pub fn target(&self) -> &str {
-        text_of(self.target.get(&self.text))
+        self.target.str(&self.text)
     }
 
     /// The target's path before any `?`, still percent-encoded (`/` for `http://host`).
     pub fn raw_path(&self) -> &str {
-        text_of(self.raw_path.get(&self.text))
+        self.raw_path.str(&self.text)
     }
 
     /// `raw_path` percent-decoded; bytes because `%FF` need not be UTF-8.
     pub fn path(&self) -> &[u8] {
-        self.path.get(&self.text)
+        if self.path_in_bytes {
+            self.path.get(&self.bytes)
+        } else {
+            self.path.get(self.text.as_bytes())
+        }
     }
 
     /// Everything after the first `?`, without it; empty if there is none.
     pub fn query(&self) -> &str {
-        text_of(self.query.get(&self.text))
+        self.query.str(&self.text)
     }
 
     /// Field lines in arrival order, names as sent (compare case-insensitively).
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &[u8])> + '_ {
+        let values = if self.values_in_bytes {
+            &self.bytes
+        } else {
+            self.text.as_bytes()
+        };
         self.fields
             .iter()
-            .map(|f| (text_of(f.name.get(&self.text)), f.value.get(&self.text)))
+            .map(move |f| (f.name.str(&self.text), f.value.get(values)))
     }
 
     /// The first field value named `name` (case-insensitive).
@@ -171,32 +189,39 @@ impl Eq for Request {}
 thread_local! {
     // The buffers of the last request dropped on this thread, for the next one parsed here:
     // a connection's requests then cost no allocation for their text and field list.
-    static SPARE: Cell<Option<(Vec<u8>, Vec<Field>)>> = const { Cell::new(None) };
+    static SPARE: Cell<Option<Buffers>> = const { Cell::new(None) };
 }
 
 /// Buffers grown past these by an odd request are freed rather than kept.
 const SPARE_TEXT_MAX: usize = 16 * 1024;
 const SPARE_FIELDS_MAX: usize = 128;
 
+type Buffers = (String, Vec<u8>, Vec<Field>);
+
 /// Empty buffers for a new request, reusing the spare ones when there are some.
-fn take_spare() -> (Vec<u8>, Vec<Field>) {
-    let (mut text, mut fields) = SPARE
+fn take_spare() -> Buffers {
+    let (mut text, mut bytes, mut fields) = SPARE
         .try_with(Cell::take)
         .ok()
         .flatten()
         .unwrap_or_default();
     text.clear();
+    bytes.clear();
     fields.clear();
-    (text, fields)
+    (text, bytes, fields)
 }
 
 impl Drop for Request {
     fn drop(&mut self) {
-        if self.text.capacity() > SPARE_TEXT_MAX || self.fields.capacity() > SPARE_FIELDS_MAX {
+        if self.text.capacity() > SPARE_TEXT_MAX
+            || self.bytes.capacity() > SPARE_TEXT_MAX
+            || self.fields.capacity() > SPARE_FIELDS_MAX
+        {
             return;
         }
         let spare = (
             std::mem::take(&mut self.text),
+            std::mem::take(&mut self.bytes),
             std::mem::take(&mut self.fields),
         );
         // Fails only while the thread is exiting; the buffers are then simply freed.
@@ -353,7 +378,7 @@ pub(crate) fn parse_head(
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
-    let (mut text, mut fields) = take_spare();
+    let (mut text, mut bytes, mut fields) = take_spare();
     fields.reserve(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name;
@@ -370,8 +395,8 @@ pub(crate) fn parse_head(
             expect_continue |= trim_ows(h.value).eq_ignore_ascii_case(b"100-continue");
         }
         fields.push(Field {
-            name: Span::of(head, offset(head, name.as_bytes()), name.len()),
-            value: Span::of(head, offset(head, h.value), h.value.len()),
+            name: Span::of(head.len(), offset(head, name.as_bytes()), name.len()),
+            value: Span::of(head.len(), offset(head, h.value), h.value.len()),
         });
     }
 
@@ -402,39 +427,51 @@ pub(crate) fn parse_head(
     }
 
     let (raw_path, query) = split_target(method, target)?;
-    // Room for a decoded path at the end, so that appending it does not reallocate.
-    let decoded_room = if raw_path.contains('%') {
-        raw_path.len()
-    } else {
-        1
+    text.reserve(head.len() + 1);
+    let values_in_bytes = match std::str::from_utf8(head) {
+        Ok(head) => {
+            text.push_str(head);
+            false
+        }
+        Err(_) => {
+            // Same offsets, text throughout: what is not UTF-8 becomes `?` byte for byte.
+            for chunk in head.utf8_chunks() {
+                text.push_str(chunk.valid());
+                text.extend(chunk.invalid().iter().map(|_| '?'));
+            }
+            bytes.extend_from_slice(head);
+            true
+        }
     };
-    text.reserve(head.len() + decoded_room);
-    text.extend_from_slice(head);
     let raw = raw_path;
     let raw_path = if offset(head, raw.as_bytes()) < head.len() {
-        Span::of(&text, offset(head, raw.as_bytes()), raw.len())
+        Span::of(text.len(), offset(head, raw.as_bytes()), raw.len())
     } else {
         // `*`, or the `/` standing for an absolute-form target's empty path: not in the head.
         let at = text.len();
-        text.extend_from_slice(raw.as_bytes());
-        Span::of(&text, at, raw.len())
+        text.push_str(raw);
+        Span::of(text.len(), at, raw.len())
     };
-    let path = if raw.contains('%') {
-        let at = text.len();
-        percent_decode(raw.as_bytes(), &mut text);
-        Span::of(&text, at, text.len() - at)
+    let path_in_bytes = raw.as_bytes().contains(&b'%');
+    let path = if path_in_bytes {
+        let at = bytes.len();
+        percent_decode(raw.as_bytes(), &mut bytes);
+        Span::of(bytes.len(), at, bytes.len() - at)
     } else {
         raw_path
     };
 
     Ok(Request {
-        method: Span::of(&text, offset(head, method.as_bytes()), method.len()),
-        target: Span::of(&text, offset(head, target.as_bytes()), target.len()),
+        method: Span::of(text.len(), offset(head, method.as_bytes()), method.len()),
+        target: Span::of(text.len(), offset(head, target.as_bytes()), target.len()),
         raw_path,
         path,
-        query: Span::of(&text, offset(head, query.as_bytes()), query.len()),
+        query: Span::of(text.len(), offset(head, query.as_bytes()), query.len()),
         fields,
         text,
+        bytes,
+        values_in_bytes,
+        path_in_bytes,
         version,
         content_length,
         chunked,

@@ -119,6 +119,10 @@ struct Strings {
     /// Direct-mapped: a value evicts whatever shared its slot, so lookups stay one compare
     /// whatever clients send.
     recent: [Option<(Vec<u8>, Py<PyString>)>; RECENT_SLOTS],
+    /// In front of `keys` and `addrs`, the same way: a request's names and peer mostly
+    /// repeat the previous ones', found without hashing.
+    recent_keys: [Option<(String, Option<Py<PyString>>)>; RECENT_SLOTS],
+    last_addr: Option<(IpAddr, Py<PyString>)>,
 }
 
 const KEY_CACHE_MAX: usize = 512;
@@ -147,24 +151,51 @@ impl Strings {
             // The epoll loop's peers come as text: shared like any other short value.
             PeerHost::Name(name) => return self.value(py, name.as_bytes()),
         };
-        if let Some(s) = self.addrs.get(ip) {
-            return s.bind(py).clone();
+        if let Some((last, s)) = &self.last_addr {
+            if last == ip {
+                return s.bind(py).clone();
+            }
         }
-        let s = PyString::new(py, &ip.to_string());
-        if self.addrs.len() < ADDR_CACHE_MAX {
-            self.addrs.insert(*ip, s.clone().unbind());
-        }
+        let s = match self.addrs.get(ip) {
+            Some(s) => s.bind(py).clone(),
+            None => {
+                let s = PyString::new(py, &ip.to_string());
+                if self.addrs.len() < ADDR_CACHE_MAX {
+                    self.addrs.insert(*ip, s.clone().unbind());
+                }
+                s
+            }
+        };
+        self.last_addr = Some((*ip, s.clone().unbind()));
         s
     }
 
     fn key<'py>(&mut self, py: Python<'py>, name: &str) -> Option<Bound<'py, PyString>> {
-        if let Some(key) = self.keys.get(name) {
-            return key.as_ref().map(|k| k.bind(py).clone());
+        let slot = &mut self.recent_keys[recent_slot(name.as_bytes())];
+        if let Some((cached, key)) = slot {
+            if cached == name {
+                return key.as_ref().map(|k| k.bind(py).clone());
+            }
         }
-        let key = cgi_name(name).map(|k| PyString::intern(py, &k));
-        if self.keys.len() < KEY_CACHE_MAX {
-            self.keys
-                .insert(name.to_owned(), key.as_ref().map(|k| k.clone().unbind()));
+        let key = match self.keys.get(name) {
+            Some(key) => key.as_ref().map(|k| k.bind(py).clone()),
+            None => {
+                let key = cgi_name(name).map(|k| PyString::intern(py, &k));
+                if self.keys.len() < KEY_CACHE_MAX {
+                    self.keys
+                        .insert(name.to_owned(), key.as_ref().map(|k| k.clone().unbind()));
+                }
+                key
+            }
+        };
+        let unbound = key.as_ref().map(|k| k.clone().unbind());
+        match slot {
+            Some((cached, old)) => {
+                cached.clear();
+                cached.push_str(name);
+                *old = unbound;
+            }
+            None => *slot = Some((name.to_owned(), unbound)),
         }
         key
     }

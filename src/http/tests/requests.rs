@@ -556,3 +556,23 @@ fn errors_are_sticky_and_close() {
     assert!(out.starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
     assert!(!conn.start_next_cycle());
 }
+
+#[test]
+fn utf8_target_beside_a_latin1_value() {
+    // The head as a whole is not UTF-8 (the lone \xe9), while its target is: each piece must
+    // still read back exactly as sent.
+    let req =
+        parse(b"GET /caf\xc3\xa9?q=\xc3\xa9 HTTP/1.1\r\nX-Latin: \xe9t\xe9\r\nHost: h\r\n\r\n")
+            .unwrap();
+    assert_eq!(req.target, "/caf\u{e9}?q=\u{e9}");
+    assert_eq!(req.raw_path, "/caf\u{e9}");
+    assert_eq!(req.path, "/caf\u{e9}".as_bytes());
+    assert_eq!(req.query, "q=\u{e9}");
+    assert_eq!(
+        req.headers,
+        [
+            ("X-Latin".to_owned(), b"\xe9t\xe9".to_vec()),
+            ("Host".to_owned(), b"h".to_vec())
+        ]
+    );
+}
