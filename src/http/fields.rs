@@ -41,7 +41,28 @@ pub(crate) fn is_token(s: &[u8]) -> bool {
 /// Whether `v` can be written as a field value without breaking the message: no CR/LF/NUL or
 /// other controls that would let an application inject lines (HTAB and obs-text are allowed).
 pub(crate) fn is_field_value(v: &[u8]) -> bool {
-    v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const SPACES: u64 = u64::from_ne_bytes([0x20; 8]);
+    const DELS: u64 = u64::from_ne_bytes([0x7f; 8]);
+    // Eight bytes at a time while none is a control: every response header value passes
+    // here. A word holding one (HTAB, most likely) is checked byte by byte.
+    let mut words = v.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        // Bytes below 0x20 (obs-text, 0x80 and up, is not flagged), then bytes equal to DEL.
+        let below_space = w.wrapping_sub(SPACES) & !w & HIGHS;
+        let x = w ^ DELS;
+        let del = x.wrapping_sub(ONES) & !x & HIGHS;
+        if (below_space | del) != 0 && !word.iter().all(|&b| is_value_byte(b)) {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| is_value_byte(b))
+}
+
+fn is_value_byte(b: u8) -> bool {
+    b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
 pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
@@ -133,6 +154,21 @@ mod tests {
         assert!(has_token(b" , upgrade ,close ,", "close"));
         assert!(!has_token(b"closed", "close"));
         assert!(!has_token(b"", "close"));
+    }
+
+    #[test]
+    fn field_values_checked_word_by_word_match_byte_by_byte() {
+        let mut v = [b'a'; 24];
+        for at in 0..v.len() {
+            for b in 0..=255u8 {
+                v[at] = b;
+                for start in 0..=at.min(9) {
+                    let want = v[start..].iter().all(|&b| is_value_byte(b));
+                    assert_eq!(is_field_value(&v[start..]), want, "{b:#04x} at {at}");
+                }
+            }
+            v[at] = 0xe9;
+        }
     }
 
     #[test]

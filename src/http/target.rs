@@ -46,7 +46,11 @@ fn strip_scheme(target: &str) -> Option<&str> {
 }
 
 fn split_query(s: &str) -> (&str, &str) {
-    s.split_once('?').unwrap_or((s, ""))
+    // A plain byte scan: targets are short, and `?` is ASCII so the split is a char boundary.
+    match s.bytes().position(|b| b == b'?') {
+        Some(at) => (&s[..at], &s[at + 1..]),
+        None => (s, ""),
+    }
 }
 
 /// Percent-decodes `raw` into `out`. Sequences that are not `%` + two hex digits are kept
