@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{PyIndexError, PyOSError, PyTimeoutError, PyValueError};
 use pyo3::PyErr;
 
 use crate::http::HttpError;
@@ -407,6 +407,67 @@ impl From<TlsLoadError> for PyErr {
             pyo3::Python::attach(|py| py_err.set_cause(py, Some(cause)));
         }
         py_err
+    }
+}
+
+/// Why the metrics block or one of its slots could not be used.
+#[derive(Debug)]
+pub enum MetricsError {
+    /// The shared mapping could not be made.
+    Map(io::Error),
+    NoCapacity,
+    /// A slot index outside 1..=capacity.
+    NoSuchSlot(usize, usize),
+    UnknownBackend(String),
+}
+
+impl fmt::Display for MetricsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsError::Map(e) => write!(f, "cannot map the shared metrics block: {e}"),
+            MetricsError::NoCapacity => write!(f, "a metrics block needs room for one worker"),
+            MetricsError::NoSuchSlot(i, cap) => {
+                write!(f, "metrics slot {i} does not exist (slots are 1 to {cap})")
+            }
+            MetricsError::UnknownBackend(name) => {
+                write!(
+                    f,
+                    "unknown backend {name:?}: expected 'io_uring' or 'epoll'"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for MetricsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MetricsError::Map(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<MetricsError> for PyErr {
+    fn from(err: MetricsError) -> PyErr {
+        match err {
+            // OSError(errno, message): Python picks the subclass of the errno.
+            MetricsError::Map(ref e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
+                PyOSError::new_err((errno, err.to_string()))
+            }
+            MetricsError::NoSuchSlot(..) => PyIndexError::new_err(err.to_string()),
+            MetricsError::NoCapacity | MetricsError::UnknownBackend(_) => {
+                PyValueError::new_err(err.to_string())
+            }
+        }
+    }
+}
+
+/// A refused `--access-log-format`: the message says what is wrong with it.
+impl From<crate::wsgi::access_log::FormatError> for PyErr {
+    fn from(err: crate::wsgi::access_log::FormatError) -> PyErr {
+        PyValueError::new_err(err.0)
     }
 }
 

@@ -10,12 +10,14 @@ use pyo3::types::PyBytes;
 use crate::deadline::{Phase, Timer};
 use crate::errors::{BodyError, TlsLoadError};
 use crate::http::Limits;
+use crate::metrics_py::MetricsSlot;
 use crate::session::Session;
 use crate::tls::{self, TlsFilter};
 use crate::tls_config::TlsConfig;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
 use crate::wsgi::environ::{Peer, PeerHost, ServerInfo};
+use crate::wsgi::observe::Observer;
 
 /// A WSGI app with its server's settings: what every connection of one server shares.
 #[pyclass(module = "uringserve._uringserve", frozen, name = "WsgiApp")]
@@ -32,7 +34,8 @@ impl PyWsgiApp {
     #[pyo3(signature = (
         app, server_name, server_port, *, url_scheme = None, access_log = true,
         multiprocess = false, max_body_size = 1_073_741_824, max_request_line = 8192,
-        max_header_bytes = 65536, max_headers = 100, tls = None, max_requests = 0
+        max_header_bytes = 65536, max_headers = 100, tls = None, max_requests = 0,
+        access_log_format = None, metrics = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -49,6 +52,8 @@ impl PyWsgiApp {
         max_headers: usize,
         tls: Option<PyRef<'_, TlsConfig>>,
         max_requests: u64,
+        access_log_format: Option<&str>,
+        metrics: Option<PyRef<'_, MetricsSlot>>,
     ) -> PyResult<Self> {
         let url_scheme = match url_scheme.unwrap_or(if tls.is_some() { "https" } else { "http" }) {
             "http" => "http",
@@ -66,7 +71,9 @@ impl PyWsgiApp {
             software: format!("uringserve/{}", env!("CARGO_PKG_VERSION")),
             multiprocess,
         };
-        let mut app = WsgiApp::new(py, app, &info, access_log)?;
+        let metrics = metrics.map(|m| m.slot.clone());
+        let observer = Observer::new(py, access_log, access_log_format, metrics)?;
+        let mut app = WsgiApp::new(py, app, &info, observer)?;
         app.max_requests = max_requests;
         Ok(PyWsgiApp {
             app,
@@ -78,6 +85,13 @@ impl PyWsgiApp {
             },
             tls: tls.map(|t| t.server_config().clone()),
         })
+    }
+
+    /// The metrics slot its requests are counted in, if any.
+    #[getter]
+    fn metrics(&self) -> Option<MetricsSlot> {
+        let slot = self.app.observer.metrics()?.clone();
+        Some(MetricsSlot { slot })
     }
 
     /// Requests taken so far, by every connection of this app.

@@ -15,6 +15,7 @@ use crate::fdmap::FdMap;
 use crate::hotpath::{Accepting, CancelTicket, Completion, Hotpath, OpKind};
 use crate::hotpath_py::stats_dict;
 use crate::http::Limits;
+use crate::metrics::RingPublisher;
 use crate::owner::Owner;
 use crate::protocol::PyWsgiApp;
 use crate::pyargs::fd_of;
@@ -103,6 +104,8 @@ struct Core {
     /// Connections closed by each timeout (header, keep-alive, body).
     timed_out: [u64; 3],
     cap: ConnCap,
+    /// This worker's metrics slot, refreshed before every wait.
+    metrics: Option<RingPublisher>,
 }
 
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
@@ -183,6 +186,12 @@ fn mark(queue: &mut Vec<i32>, fd: i32, conn: &mut Conn) {
 }
 
 impl Core {
+    fn publish_metrics(&mut self) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.publish(&self.hp, self.conns.len());
+        }
+    }
+
     /// Hands every reaped completion to its connection.
     fn deliver(&mut self) -> RingResult<()> {
         self.hp.reap()?;
@@ -523,6 +532,7 @@ impl Core {
             let _ = self.close(fd);
         }
         let confirmed = self.hp.shut_down(SHUTDOWN_WAIT);
+        self.publish_metrics();
         for ticket in self.unclosed.drain(..) {
             close_fd(ticket.fd);
         }
@@ -686,6 +696,8 @@ impl UringServer {
         loop {
             let woken = py.detach(|| -> RingResult<_> {
                 let mut core = lock(&self.core);
+                // Before waiting: what the previous turns changed is settled.
+                core.publish_metrics();
                 match deadline {
                     None => core.wait()?,
                     Some(at) => core.wait_draining(at)?,
@@ -787,6 +799,13 @@ impl UringServer {
                 mode: Accepting::Paused,
                 pauses: 0,
             },
+            metrics: app
+                .get()
+                .app()
+                .observer
+                .metrics()
+                .cloned()
+                .map(RingPublisher::new),
         }));
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
             core: Arc::downgrade(&core),

@@ -36,9 +36,8 @@ class ServerThread:
     """A uringserve.Server serving in a daemon thread, stopped by stop()."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], io_uring: str, **options: Any) -> None:
-        self.server = uringserve.Server(
-            app, host="127.0.0.1", port=0, io_uring=io_uring, access_log=False, **options
-        )
+        options = {"access_log": False, **options}
+        self.server = uringserve.Server(app, host="127.0.0.1", port=0, io_uring=io_uring, **options)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, name="uringserve-test", daemon=True)
         self.thread.start()

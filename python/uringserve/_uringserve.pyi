@@ -16,6 +16,8 @@ __all__ = [
     "HttpProtocol",
     "InvalidBufferError",
     "InvalidRequestBody",
+    "MetricsBlock",
+    "MetricsSlot",
     "Ring",
     "RingClosedError",
     "RingSetupError",
@@ -26,6 +28,7 @@ __all__ = [
     "UringServer",
     "WrongThreadError",
     "WsgiApp",
+    "check_access_log_format",
     "probe",
 ]
 
@@ -151,10 +154,49 @@ class WsgiApp:
         max_headers: int = 100,
         tls: TlsConfig | None = None,
         max_requests: int = 0,
+        access_log_format: str | None = None,
+        metrics: MetricsSlot | None = None,
     ) -> Self: ...
+    @property
+    def metrics(self) -> MetricsSlot | None:
+        """The metrics slot its requests are counted in, if any."""
     @property
     def requests(self) -> int:
         """Requests taken so far, by every connection of this app."""
+
+def check_access_log_format(format: str) -> None:
+    """Raises ValueError saying what is wrong with an access log format."""
+
+@final
+class MetricsBlock:
+    """The shared counters of every worker: made before forking, scraped by the master."""
+
+    def __new__(cls, capacity: int) -> Self: ...
+    @property
+    def capacity(self) -> int: ...
+    def claim(self, worker: int) -> int | None:
+        """A free slot for worker number `worker`, zeroed; None when every slot is taken."""
+    def slot(self, index: int) -> MetricsSlot:
+        """The handle on slot `index`; takes no lock, so it is safe in a freshly forked child."""
+    def retire(self, index: int) -> None:
+        """Folds the counters of slot `index`, whose worker exited, into the total, and frees it."""
+    def render(self) -> str:
+        """Every metric in the Prometheus text format."""
+
+@final
+class MetricsSlot:
+    """One worker's counters; the serve loops update it from Rust."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def worker(self) -> int: ...
+    def set_backend(self, backend: str) -> None:
+        """The backend, "io_uring" or "epoll", that serves this worker's connections now."""
+    def fallback_engaged(self) -> None:
+        """Counts a sick ring handing this worker over to epoll."""
+    def set_connections(self, open: int) -> None:
+        """The open-connections gauge, for the epoll loop (the io_uring loop sets its own)."""
 
 @final
 class TlsConfig:

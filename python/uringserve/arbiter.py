@@ -110,6 +110,8 @@ class _Worker:
     # already started); "stopping" (the master asked it to stop).
     state: str = "serving"
     booted: bool = False
+    # Its metrics slot (with --metrics-bind), folded into the total when it exits.
+    slot: int | None = None
 
 
 class Arbiter:
@@ -294,14 +296,20 @@ class Arbiter:
         # Blocked across the fork: until the worker has its own handlers, a signal must not
         # run the master's handlers in the worker (it stays pending until the worker is ready).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        metrics = self.server._metrics
+        slot = None if metrics is None else metrics.slot(number)
         try:
             pid = os.fork()
             if pid == 0:
                 os.close(self._notes_r)
-                run_worker(self.server, number, master_pid, self._notes_w, mask)
+                run_worker(self.server, number, master_pid, self._notes_w, mask, slot)
+        except BaseException:
+            if metrics is not None and slot is not None:
+                metrics.block.retire(slot.index)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.workers[pid] = _Worker(pid, number)
+        self.workers[pid] = _Worker(pid, number, slot=None if slot is None else slot.index)
 
     def _retire(self, w: _Worker) -> None:
         """Stops a worker gracefully; it is not replaced."""
@@ -328,6 +336,8 @@ class Arbiter:
         for w, status in exited:
             pid = w.pid
             del self.workers[pid]
+            if w.slot is not None and self.server._metrics is not None:
+                self.server._metrics.block.retire(w.slot)
             cause = describe_exit(status)
             code = os.waitstatus_to_exitcode(status)
             if w.state == "stopping":

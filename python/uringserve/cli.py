@@ -10,8 +10,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import logs
 from .config import LIMIT_OPTIONS, LOG_LEVELS, Config, options_from_env, parse_bind
 from .loader import check_spec, load_app
+from .metrics import MetricsBindError
 from .policy import Unsupported, capabilities
 
 if TYPE_CHECKING:
@@ -67,19 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--graceful-timeout", type=float, help="seconds a graceful stop waits (default 30)"
     )
+    # Logs and metrics (README: "Logs" and "Metrics").
+    obs = p.add_argument_group("logs and metrics")
+    obs.add_argument(
+        "--access-log-format", metavar="FORMAT", help="gunicorn's atoms: '%%(h)s %%(r)s %%(s)s'"
+    )
+    obs.add_argument(
+        "--log-config", metavar="FILE", help="logging config: dictConfig .json, fileConfig .ini"
+    )
+    obs.add_argument(
+        "--metrics-bind", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics there"
+    )
     return p
-
-
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(name)s] %(levelname)s %(message)s"))
-    for name in ("uringserve.error", "uringserve.access"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-        logger.propagate = False
-    logging.getLogger("uringserve.error").setLevel(level.upper())
-    logging.getLogger("uringserve.access").setLevel(logging.INFO)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -100,6 +101,9 @@ def build_config(args: argparse.Namespace) -> Config:
         "max_requests": args.max_requests,
         "max_requests_jitter": args.max_requests_jitter,
         "graceful_timeout": args.graceful_timeout,
+        "access_log_format": args.access_log_format,
+        "log_config": args.log_config,
+        "metrics_bind": args.metrics_bind,
     }
     if args.bind:
         cli.update(parse_bind(args.bind))
@@ -143,12 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = load_app(spec)
     except (ValueError, TypeError, ImportError, AttributeError) as exc:
         parser.error(str(exc))
-    _configure_logging(config.log_level)
+    try:
+        logs.configure(config)
+    except logs.LogConfigError as exc:
+        parser.error(str(exc))
     error_log = logging.getLogger("uringserve.error")
     try:
         server = make_server(app, config)
     except Unsupported as exc:
         error_log.error("io_uring=on, but %s", exc)
+        return 1
+    except MetricsBindError as exc:
+        error_log.error("%s", exc.strerror)
         return 1
     except OSError as exc:
         if config.tls and _is_tls_error(exc):

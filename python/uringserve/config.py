@@ -56,6 +56,11 @@ class Config:
     max_requests: int = 0
     max_requests_jitter: int = 0
     graceful_timeout: float = 30.0
+    # Logs and metrics: gunicorn's access log atoms (None: the combined log format); a
+    # logging config file (.json dictConfig, .ini/.conf fileConfig); a Prometheus listener.
+    access_log_format: str | None = None
+    log_config: str | None = None
+    metrics_bind: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -74,6 +79,19 @@ class Config:
         for name in ("workers", "max_requests", "max_requests_jitter", "graceful_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        self._check_observability()
+
+    def _check_observability(self) -> None:
+        if self.access_log_format is not None:
+            from ._uringserve import check_access_log_format
+
+            check_access_log_format(self.access_log_format)
+        if self.log_config is not None:
+            from .logs import check_log_config
+
+            check_log_config(self.log_config)
+        if self.metrics_bind is not None:
+            parse_bind(self.metrics_bind)
 
     @property
     def tls(self) -> bool:

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from ._uringserve import HttpProtocol, WsgiApp
+from ._uringserve import HttpProtocol, MetricsSlot, WsgiApp
 from .timeouts import Deadlines
 
 # Below glibc's mmap threshold: a bigger recv() buffer costs an mmap/munmap pair per read.
@@ -101,6 +101,7 @@ def serve_epoll(
     draining: Callable[[], bool] | None = None,
     max_requests: int = 0,
     graceful_timeout: float = 30.0,
+    metrics: MetricsSlot | None = None,
 ) -> None:
     """Serve until stopping() is true after a wake-up; returns with every connection closed.
 
@@ -110,7 +111,7 @@ def serve_epoll(
     listener is not polled, so new peers wait in the kernel's backlog.
 
     Stops gracefully (as UringServer.serve does) when draining() is true after a wake-up,
-    or once app.requests reaches max_requests.
+    or once app.requests reaches max_requests. The open connections are shown in `metrics`.
     """
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -138,6 +139,8 @@ def serve_epoll(
         conn.sock.close()
         timers.stop(conn)
         regulate_accepts()
+        if metrics is not None:
+            metrics.set_connections(len(conns))
 
     def retime(conn: _Conn, turned: bool) -> bool:
         """Moves the connection's deadline after a turn (or a flush); False if it closed."""
@@ -235,6 +238,8 @@ def serve_epoll(
                         conns[sock.fileno()] = conn
                         sel.register(sock, selectors.EVENT_READ, conn)
                         timers.start(conn, "header", time.monotonic())
+                        if metrics is not None:
+                            metrics.set_connections(len(conns))
                         if len(conns) >= max_connections:
                             regulate_accepts()
                             break

@@ -14,7 +14,8 @@ from .loader import check_spec, load_app
 from .policy import capabilities, resolve_policy
 
 if TYPE_CHECKING:
-    from ._uringserve import TlsConfig
+    from ._uringserve import MetricsSlot, TlsConfig
+    from .metrics import MetricsServer
 
 WsgiCallable = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -98,6 +99,12 @@ class Server:
         if sock is None:
             sock = _bind(self.config, listen=not (workers and self.config.reuse_port))
         self.socket = sock
+        try:
+            self._start_observing()
+        except BaseException:
+            if self._owns_socket:
+                sock.close()
+            raise
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         # shutdown(graceful=True): stop accepting, finish what is in flight, then stop.
@@ -115,6 +122,32 @@ class Server:
         self._max_requests = self.config.max_requests
         self._retiring = False
         self._log_startup = True
+
+    def _start_observing(self) -> None:
+        """Logs and metrics (see logs.py, metrics.py); a worker gets its metrics slot from
+        the master instead (and inherits the master's logging)."""
+        self._metrics: MetricsServer | None = None
+        self._metrics_slot: MetricsSlot | None = None
+        c = self.config
+        if c.log_config is not None:
+            from .logs import apply_file
+
+            apply_file(c.log_config)
+        if c.metrics_bind is not None:
+            from .metrics import MetricsServer
+
+            self._metrics = MetricsServer(c.metrics_bind, c.workers)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the Prometheus listener is bound, with metrics_bind."""
+        return None if self._metrics is None else self._metrics.address
+
+    @property
+    def metrics_slot(self) -> MetricsSlot | None:
+        """This process's metrics counters, while it serves (a worker, or the one process);
+        the epoll fallback calls fallback_engaged() and set_backend("epoll") on it."""
+        return self._metrics_slot
 
     @property
     def backend(self) -> str:
@@ -158,6 +191,8 @@ class Server:
             max_headers=c.max_headers,
             tls=self._tls,
             max_requests=self._max_requests,
+            access_log_format=c.access_log_format,
+            metrics=self._metrics_slot,
         )
 
     def _conn_limits(self) -> dict[str, Any]:
@@ -194,19 +229,27 @@ class Server:
         With workers, this process becomes their master: it forks them, restarts them and
         handles SIGTERM/SIGINT, SIGQUIT, SIGHUP, SIGTTIN and SIGTTOU (on the main thread).
         """
-        if self.config.workers:
-            from .arbiter import Arbiter
+        if self._metrics is not None:
+            self._metrics.start()
+        try:
+            if self.config.workers:
+                from .arbiter import Arbiter
 
-            self._stopped.clear()
-            self._serving_thread = threading.get_ident()
-            try:
-                Arbiter(self).run()
-            finally:
-                self._stop.clear()
-                self._drain.clear()
-                self._stopped.set()
-            return
-        self._serve_here()
+                self._stopped.clear()
+                self._serving_thread = threading.get_ident()
+                try:
+                    Arbiter(self).run()
+                finally:
+                    self._stop.clear()
+                    self._drain.clear()
+                    self._stopped.set()
+                return
+            if self._metrics is not None and self._metrics_slot is None:
+                self._metrics_slot = self._metrics.slot(0)
+            self._serve_here()
+        finally:
+            if self._metrics is not None:
+                self._metrics.stop()
 
     def _serve_here(self) -> None:
         # _stop is not cleared here: a shutdown() that came first (say, from a signal during
@@ -221,6 +264,9 @@ class Server:
             if on_main
             else None
         )
+        slot = self._metrics_slot
+        if slot is not None:
+            slot.set_backend(self.backend)
         try:
             app = self._wsgi_app()
             if self._log_startup:
@@ -257,6 +303,7 @@ class Server:
                     self._stop.is_set,
                     **self._conn_limits(),
                     **drain,
+                    metrics=slot,
                 )
             self.requests = app.requests
         finally:
@@ -283,6 +330,8 @@ class Server:
             self._stopped.wait()
 
     def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
         if self._owns_socket:
             self.socket.close()
         self._wake_r.close()

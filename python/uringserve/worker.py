@@ -19,6 +19,7 @@ from .loader import load_app
 from .policy import Unsupported
 
 if TYPE_CHECKING:
+    from ._uringserve import MetricsSlot
     from .server import Server
 
 error_log = logging.getLogger("uringserve.error")
@@ -71,13 +72,18 @@ def install_stop_signals(server: Server) -> None:
 
 
 def run_worker(
-    master: Server, number: int, master_pid: int, notes: int, mask: set[signal.Signals]
+    master: Server,
+    number: int,
+    master_pid: int,
+    notes: int,
+    mask: set[signal.Signals],
+    metrics: MetricsSlot | None = None,
 ) -> NoReturn:
     """The body of a forked worker, which starts with the master's signals blocked (`mask`
-    is the mask to restore); never returns."""
+    is the mask to restore) and counts in its `metrics` slot; never returns."""
     status = 0
     try:
-        status = _serve(master, number, master_pid, notes, mask)
+        status = _serve(master, number, master_pid, notes, mask, metrics)
     except BaseException:
         error_log.error(
             "worker %d (pid %d) failed:\n%s", number, os.getpid(), traceback.format_exc()
@@ -89,7 +95,12 @@ def run_worker(
 
 
 def _serve(
-    master: Server, number: int, master_pid: int, notes: int, mask: set[signal.Signals]
+    master: Server,
+    number: int,
+    master_pid: int,
+    notes: int,
+    mask: set[signal.Signals],
+    metrics: MetricsSlot | None,
 ) -> int:
     from .server import Server
 
@@ -106,11 +117,14 @@ def _serve(
     _die_with_master(master_pid)
     master._wake_r.close()
     master._wake_w.close()
+    if master._metrics is not None:
+        master._metrics.close_in_child()
 
     c = master.config
     limit = c.max_requests + random.randint(0, c.max_requests_jitter) if c.max_requests else 0
     options = dataclasses.asdict(c)
-    options.update(workers=0, max_requests=limit)
+    # The master's logging config is inherited; its metrics listener stays the master's.
+    options.update(workers=0, max_requests=limit, log_config=None, metrics_bind=None)
     host, port = master.server_address[:2]
     options.update(host=str(host), port=int(port))
     # With reuse_port each worker binds its own socket; otherwise it shares the master's.
@@ -130,6 +144,7 @@ def _serve(
         return WORKER_BOOT_ERROR
     if c.reuse_port:
         master.socket.close()
+    server._metrics_slot = metrics
     server._multiprocess = c.workers > 1
     server._log_startup = False
     server._on_retire = lambda: _note(notes, RETIRING)

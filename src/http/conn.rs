@@ -5,8 +5,8 @@ use super::error::HttpError;
 use super::limits::Limits;
 use super::request::{parse_head, HeadScanner, Request, Version};
 use super::response::{
-    inspect_headers, parse_status, plan, write_chunk, write_continue, write_error, write_head,
-    Exchange, ResponseFraming, LAST_CHUNK,
+    inspect_headers, parse_status, plan, reason_phrase, write_chunk, write_continue, write_error,
+    write_head, Exchange, ResponseFraming, LAST_CHUNK,
 };
 
 /// What the peer's bytes amount to, one step at a time.
@@ -85,6 +85,8 @@ pub struct Connection {
     /// A request was answered and the connection kept for another: it is a keep-alive one.
     reused: bool,
     drained: u64,
+    /// Body bytes of the current response so far, framing excluded (the access log's size).
+    body_sent: u64,
 }
 
 impl Connection {
@@ -105,6 +107,7 @@ impl Connection {
             no_reuse: false,
             reused: false,
             drained: 0,
+            body_sent: 0,
         }
     }
 
@@ -345,6 +348,7 @@ impl Connection {
         let plan = plan(code, &exchange, &app, body_len_hint);
         write_head(out, status, code, headers, &app, &plan, self.version);
         self.keep_alive = plan.keep_alive;
+        self.body_sent = 0;
         let remaining = match plan.framing {
             ResponseFraming::ContentLength(n) => n,
             _ => 0,
@@ -363,16 +367,24 @@ impl Connection {
         let Send::Body { framing, remaining } = &mut self.send else {
             return;
         };
-        match framing {
-            ResponseFraming::NoBody => {}
+        let sent = match framing {
+            ResponseFraming::NoBody => 0,
             ResponseFraming::ContentLength(_) => {
                 let n = usize::try_from(*remaining).map_or(data.len(), |r| r.min(data.len()));
                 out.extend_from_slice(&data[..n]);
                 *remaining -= n as u64;
+                n
             }
-            ResponseFraming::Chunked => write_chunk(data, out),
-            ResponseFraming::CloseDelimited => out.extend_from_slice(data),
-        }
+            ResponseFraming::Chunked => {
+                write_chunk(data, out);
+                data.len()
+            }
+            ResponseFraming::CloseDelimited => {
+                out.extend_from_slice(data);
+                data.len()
+            }
+        };
+        self.body_sent += sent as u64;
     }
 
     /// Ends the response body. A body shorter than its Content-Length leaves the peer waiting
@@ -398,6 +410,10 @@ impl Connection {
             return false;
         }
         write_error(status, self.head_request, out);
+        self.body_sent = match self.head_request {
+            true => 0,
+            false => reason_phrase(status).len() as u64 + 1,
+        };
         self.send = Send::Done;
         true
     }
@@ -425,6 +441,12 @@ impl Connection {
             buf,
             ..Connection::new(self.limits)
         };
+    }
+
+    /// Body bytes of the current (or last) response, as the app gave them: no chunk framing,
+    /// nothing past its Content-Length.
+    pub fn body_sent(&self) -> u64 {
+        self.body_sent
     }
 
     #[cfg(test)]

@@ -19,13 +19,13 @@ pub trait AccessFacts {
     fn query(&self) -> &str;
     fn protocol(&self) -> &str;
     fn status(&self) -> u16;
-    /// Bytes of response produced for this request, head included.
+    /// Body bytes of the response, as gunicorn counts them: no head, no chunk framing.
     fn bytes(&self) -> u64;
     fn duration(&self) -> Duration;
     /// The first request field named `name` (lower case), as sent.
     fn request_header(&self, name: &str) -> Option<&[u8]>;
-    /// The first response field named `name` (lower case).
-    fn response_header(&self, name: &str) -> Option<&str>;
+    /// The first response field named `name` (lower case), as the app gave it.
+    fn response_header(&self, name: &str) -> Option<&[u8]>;
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,9 +129,17 @@ impl AccessFormat {
         Ok(AccessFormat { parts })
     }
 
-    /// Appends the line for one request to `out`. `now` is the local time, already formatted
-    /// as `[21/Nov/2026:09:13:24 +0000]`; it is only asked for when the format shows it.
-    pub fn render(&self, facts: &impl AccessFacts, now: impl Fn() -> String, out: &mut String) {
+    /// The response fields the format shows (`%({name}o)s`), lower case.
+    pub fn response_fields(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Atom(Atom::ResponseHeader(name)) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Appends the line for one request to `out`. `now` appends the local time, formatted as
+    /// `[21/Nov/2026:09:13:24 +0000]`; it is only called when the format shows it.
+    pub fn render(&self, facts: &impl AccessFacts, now: impl Fn(&mut String), out: &mut String) {
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
@@ -244,7 +252,7 @@ fn basic_auth_user(value: &[u8]) -> Option<String> {
     )
 }
 
-fn render_atom(atom: &Atom, f: &impl AccessFacts, now: &impl Fn() -> String, out: &mut String) {
+fn render_atom(atom: &Atom, f: &impl AccessFacts, now: &impl Fn(&mut String), out: &mut String) {
     match atom {
         Atom::Host => push_escaped(f.peer(), out),
         Atom::Dash => out.push('-'),
@@ -252,7 +260,7 @@ fn render_atom(atom: &Atom, f: &impl AccessFacts, now: &impl Fn() -> String, out
             Some(user) => push_escaped(&user, out),
             None => out.push('-'),
         },
-        Atom::Time => out.push_str(&now()),
+        Atom::Time => now(out),
         Atom::RequestLine => {
             push_escaped(f.method(), out);
             out.push(' ');
@@ -291,7 +299,7 @@ fn render_atom(atom: &Atom, f: &impl AccessFacts, now: &impl Fn() -> String, out
             let _ = write!(out, "{:.6}", f.duration().as_secs_f64());
         }
         Atom::RequestHeader(name) => push_field(f.request_header(name), out),
-        Atom::ResponseHeader(name) => push_field(f.response_header(name).map(str::as_bytes), out),
+        Atom::ResponseHeader(name) => push_field(f.response_header(name), out),
     }
 }
 
@@ -337,15 +345,19 @@ mod tests {
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| *v)
         }
-        fn response_header(&self, name: &str) -> Option<&str> {
-            (name == "content-type").then_some("text/plain")
+        fn response_header(&self, name: &str) -> Option<&[u8]> {
+            (name == "content-type").then_some(b"text/plain")
         }
     }
 
     fn line(format: &str, facts: &Facts) -> String {
         let fmt = AccessFormat::parse(format, |k| (k == "HOME").then(|| "/root".into())).unwrap();
         let mut out = String::new();
-        fmt.render(facts, || "[21/Nov/2026:09:13:24 +0000]".into(), &mut out);
+        fmt.render(
+            facts,
+            |out| out.push_str("[21/Nov/2026:09:13:24 +0000]"),
+            &mut out,
+        );
         out
     }
 

@@ -12,6 +12,7 @@ use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 
 use super::environ::{build, template, KeyCache, Peer, ServerInfo};
 use super::input::{EmptyInput, InputStream};
+use super::observe::Observer;
 use super::start_response::{lock, Reply, Responder, Responders, SharedReply};
 
 /// One app with what every request of it shares.
@@ -20,8 +21,8 @@ pub struct WsgiApp {
     pub template: Py<PyDict>,
     /// logging.Logger "uringserve.error", for app failures.
     pub error_log: Py<PyAny>,
-    /// logging.Logger "uringserve.access" when access logging is on.
-    pub access_log: Option<Py<PyAny>>,
+    /// The access log and the metrics, told about every answered request.
+    pub observer: Observer,
     keys: KeyCache,
     /// Requests taken so far, for recycling a worker after `--max-requests`.
     requests: AtomicU64,
@@ -36,27 +37,18 @@ impl WsgiApp {
         py: Python<'_>,
         app: Py<PyAny>,
         info: &ServerInfo,
-        access_log: bool,
+        observer: Observer,
     ) -> PyResult<Self> {
         let logging = py.import("logging")?;
         let error_log = logging
             .call_method1("getLogger", ("uringserve.error",))?
             .unbind();
-        let access_log = if access_log {
-            Some(
-                logging
-                    .call_method1("getLogger", ("uringserve.access",))?
-                    .unbind(),
-            )
-        } else {
-            None
-        };
         let empty_input = Bound::new(py, EmptyInput)?.into_any();
         Ok(WsgiApp {
             app,
             template: template(py, info, &empty_input)?.unbind(),
             error_log,
-            access_log,
+            observer,
             keys: KeyCache::default(),
             requests: AtomicU64::new(0),
             max_requests: 0,
@@ -97,6 +89,7 @@ impl WsgiApp {
         if self.max_requests != 0 && taken >= self.max_requests {
             lock_io(io).conn.refuse_keep_alive();
         }
+        let started = self.observer.start();
         let start = lock_io(io).produced();
         let responder = match self.responders.take(py) {
             Ok(r) => r,
@@ -142,26 +135,10 @@ impl WsgiApp {
                 Some(status)
             }
         };
-        if let Some(access) = &self.access_log {
-            let code = match failed {
-                Some(status) => status.to_string(),
-                None => {
-                    let reply = lock(reply);
-                    let status = reply.status().unwrap_or("");
-                    status.split(' ').next().unwrap_or("").to_owned()
-                }
-            };
-            let size = lock_io(io).produced().saturating_sub(start);
-            let line = format!(
-                "{} - \"{} {} {}\" {} {}",
-                peer.host,
-                req.method(),
-                req.target(),
-                req.version.as_str(),
-                code,
-                size
-            );
-            let _ = access.call_method1(py, "info", (line,));
+        if let Some(started) = started {
+            let bytes = lock_io(io).conn.body_sent();
+            let observer = &self.observer;
+            observer.finish(py, started, req, peer, failed, bytes, reply);
         }
         self.responders.give_back(py, responder);
     }

@@ -5,4 +5,5 @@ pub mod app;
 pub mod environ;
 pub mod file_wrapper;
 pub mod input;
+pub mod observe;
 pub mod start_response;

@@ -412,3 +412,28 @@ fn final_response_without_continue_closes_when_body_is_pending() {
     conn.finish_response(&mut out);
     assert!(conn.start_next_cycle());
 }
+
+#[test]
+fn body_sent_counts_the_body_as_the_app_gave_it() {
+    let sent = |request: &[u8], app_headers: &[(&str, &str)], body: &[&[u8]]| {
+        let mut conn = conn_with(Limits::default(), request);
+        drain_events(&mut conn);
+        let mut out = Vec::new();
+        conn.start_response("200 OK", &headers(app_headers), None, &mut out)
+            .unwrap();
+        for chunk in body {
+            conn.write_body(chunk, &mut out);
+        }
+        conn.finish_response(&mut out);
+        conn.body_sent()
+    };
+    // Chunk framing is not counted; bytes past Content-Length are dropped, so not sent.
+    assert_eq!(sent(GET11, &[], &[b"hello", b" world"]), 11);
+    assert_eq!(sent(GET11, &[("Content-Length", "3")], &[b"hello"]), 3);
+    assert_eq!(sent(HEAD11, &[("Content-Length", "5")], &[b"hello"]), 0);
+    let mut conn = conn_with(Limits::default(), GET11);
+    drain_events(&mut conn);
+    let mut out = Vec::new();
+    conn.send_error(404, &mut out);
+    assert_eq!(conn.body_sent(), "Not Found\n".len() as u64);
+}
