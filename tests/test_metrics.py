@@ -196,16 +196,20 @@ def test_fallback_engaged_is_counted_and_the_backend_shown(
         slot.set_backend("kqueue")
 
 
-def test_other_paths_are_not_found(serve: Callable[..., ServerThread]) -> None:
+def test_other_paths_are_not_found_and_a_stalled_scraper_blocks_no_one(
+    serve: Callable[..., ServerThread],
+) -> None:
     _, address = served(serve)
-    conn = http.client.HTTPConnection(*address, timeout=5)
-    try:
-        conn.request("GET", "/other")
-        resp = conn.getresponse()
-        resp.read()
-        assert resp.status == 404
-    finally:
-        conn.close()
+    with socket.create_connection(address, timeout=5):
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        try:
+            conn.request("GET", "/other")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 404
+        finally:
+            conn.close()
+        assert value(scrape(address), "uringserve_workers") == 1
 
 
 def test_a_busy_metrics_address_is_refused() -> None:

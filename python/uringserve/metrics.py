@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: How often the listener thread checks whether it should stop.
 POLL_INTERVAL = 0.1
+SCRAPE_TIMEOUT = 10.0
 
 error_log = logging.getLogger("uringserve.error")
 
@@ -43,6 +44,8 @@ class _Listener6(_Listener):
 class _Scrape(BaseHTTPRequestHandler):
     server: _Listener
     server_version = "uringserve-metrics"
+    # A scraper that connects and sends nothing gives up its thread after this long.
+    timeout = SCRAPE_TIMEOUT
 
     def do_GET(self) -> None:
         if self.path.partition("?")[0] not in ("/metrics", "/"):
