@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .worker import BOOTED, NOTE, RETIRING, WORKER_BOOT_ERROR, run_worker
@@ -195,7 +195,7 @@ class Arbiter:
                 left = max(0.0, self.kill_at - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
             try:
-                select.select([wake, self._notes_r], [], [], timeout)
+                select.select([wake.fileno(), self._notes_r], [], [], timeout)
             except InterruptedError:
                 pass
             try:
@@ -206,7 +206,7 @@ class Arbiter:
 
     # ---- signals -----------------------------------------------------------------------------
 
-    def _install_signals(self) -> dict[int, object]:
+    def _install_signals(self) -> dict[signal.Signals, Any]:
         server = self.server
 
         def on_signal(signum: int, frame: object) -> None:
