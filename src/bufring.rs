@@ -137,7 +137,7 @@ impl BufRing {
         // SAFETY: the entry ring lives in self.entries, which stays mapped until unregister()
         // or, if that is never reached, is leaked rather than unmapped (see leak()).
         unsafe {
-            uring.ring().submitter().register_buf_ring_with_flags(
+            uring.ring()?.submitter().register_buf_ring_with_flags(
                 addr,
                 self.n_bufs as u16,
                 self.group,
@@ -150,7 +150,7 @@ impl BufRing {
 
     pub fn unregister(&mut self, uring: &Uring) -> io::Result<()> {
         if self.registered {
-            uring.ring().submitter().unregister_buf_ring(self.group)?;
+            uring.ring()?.submitter().unregister_buf_ring(self.group)?;
             self.registered = false;
         }
         Ok(())

@@ -287,6 +287,13 @@ impl Deadlines {
         }
     }
 
+    /// `key`'s running timeout and when it falls due, if it has one.
+    pub fn deadline_of(&self, key: u32) -> Option<(Kind, Instant)> {
+        let link = self.links.get(key as usize)?;
+        let kind = [Kind::Header, Kind::KeepAlive, Kind::Body].get(link.kind as usize)?;
+        Some((*kind, self.epoch + Duration::from_millis(link.due)))
+    }
+
     /// When the earliest deadline falls due.
     pub fn next_due(&self) -> Option<Instant> {
         let due = self

@@ -80,6 +80,18 @@ pub struct Completion {
 struct SendJob {
     data: Vec<u8>,
     sent: usize,
+    /// The number of the SQE that last sent from it (see `Uring::first_unconsumed`).
+    sqe: u64,
+}
+
+impl SendJob {
+    fn new(data: Vec<u8>) -> Self {
+        SendJob {
+            data,
+            sent: 0,
+            sqe: 0,
+        }
+    }
 }
 
 /// What an armed operation is and whose: enough to route each of its CQEs.
@@ -151,6 +163,10 @@ pub struct Hotpath {
     spare: Vec<Vec<u8>>,
     /// The jobs of sends in flight, indexed by their op's `send`; a slab with a free list.
     send_jobs: Slab<SendJob>,
+    /// Set by `evacuate`: nothing is armed or sent any more; output stays queued per fd.
+    evacuating: bool,
+    /// Test hook: `evacuate` behaves as if the ring could not be entered any more.
+    pub simulate_dead_ring: bool,
 }
 
 const SPARE_BUFFERS: usize = 256;
@@ -202,6 +218,8 @@ impl Hotpath {
             timer_update_ts: Box::new(Timespec::new()),
             spare: Vec::new(),
             send_jobs: Slab::default(),
+            evacuating: false,
+            simulate_dead_ring: false,
         })
     }
 
@@ -291,6 +309,26 @@ impl Hotpath {
         })
     }
 
+    /// Like `pushed`, for the SQE of op `slot`: an SQE that never reached the ring will
+    /// never complete, so its op is forgotten rather than waited for.
+    fn pushed_op(&mut self, slot: u32, result: io::Result<()>) -> RingResult<()> {
+        if result.is_err() {
+            self.ops.remove(slot);
+        }
+        self.pushed(result)
+    }
+
+    /// Keeps a send that will not go through the ring now at the front of its fd's queue,
+    /// where `take_unsent` finds it.
+    fn requeue_front(&mut self, fd: i32, generation: u32, job: SendJob) {
+        if let Some(state) = self.current(fd, generation) {
+            state
+                .send_queue
+                .get_or_insert_with(Default::default)
+                .push_front(job);
+        }
+    }
+
     // ---- arming -------------------------------------------------------------------------
 
     /// Registers an op that carries no send data; its slot is the SQE's user_data.
@@ -316,7 +354,7 @@ impl Hotpath {
                 self.uring.push_accept_multishot(fd, slot as u64)
             }
         };
-        self.pushed(res)
+        self.pushed_op(slot, res)
     }
 
     fn arm_recv(&mut self, fd: i32) -> RingResult<()> {
@@ -326,7 +364,7 @@ impl Hotpath {
         state.recv_starved = false;
         let group = self.bufs().group();
         let res = self.uring.push_recv_multishot(fd, group, slot as u64);
-        self.pushed(res)
+        self.pushed_op(slot, res)
     }
 
     /// Starts the next queued send on `fd`, if none is in flight. Empty sends complete at once.
@@ -359,7 +397,12 @@ impl Hotpath {
         }
     }
 
-    fn push_send_job(&mut self, fd: i32, generation: u32, job: SendJob) -> RingResult<()> {
+    fn push_send_job(&mut self, fd: i32, generation: u32, mut job: SendJob) -> RingResult<()> {
+        if self.evacuating {
+            self.requeue_front(fd, generation, job);
+            return Ok(());
+        }
+        job.sqe = self.uring.next_sqe();
         let remaining = job.data.len() - job.sent;
         let len = remaining.min(u32::MAX as usize) as u32;
         let index = self.send_jobs.insert(job);
@@ -382,6 +425,16 @@ impl Hotpath {
         let ptr = unsafe { job.data.as_ptr().add(job.sent) };
         // SAFETY: ptr..ptr+len lies inside job.data (see above).
         let res = unsafe { self.uring.push_send(fd, ptr, len, slot as u64) };
+        if res.is_err() {
+            // The SQE never reached the ring: the bytes are still ours, and still unsent.
+            self.ops.remove(slot);
+            if let Some(job) = self.send_jobs.remove(index) {
+                if let Some(state) = self.current(fd, generation) {
+                    state.send_slot = None;
+                }
+                self.requeue_front(fd, generation, job);
+            }
+        }
         self.pushed(res)
     }
 
@@ -409,18 +462,26 @@ impl Hotpath {
     }
 
     pub fn submit_send(&mut self, fd: i32, data: Vec<u8>) -> RingResult<()> {
-        self.check_healthy()?;
+        if let Err(sick) = self.check_healthy() {
+            // Kept in order behind what is queued, so a move to epoll can still send it.
+            let queue = self
+                .state(fd)
+                .send_queue
+                .get_or_insert_with(Default::default);
+            queue.push_back(SendJob::new(data));
+            return if self.evacuating { Ok(()) } else { Err(sick) };
+        }
         let state = self.state(fd);
         let idle = state.send_slot.is_none() && state.send_queue.is_none();
         if idle && !data.is_empty() {
             // The usual case, one response at a time: straight to the ring, no queue.
             let generation = state.generation;
-            return self.push_send_job(fd, generation, SendJob { data, sent: 0 });
+            return self.push_send_job(fd, generation, SendJob::new(data));
         }
         state
             .send_queue
             .get_or_insert_with(Default::default)
-            .push_back(SendJob { data, sent: 0 });
+            .push_back(SendJob::new(data));
         self.pump_send(fd)
     }
 
@@ -490,7 +551,10 @@ impl Hotpath {
                 // as long as this engine and its ring, and is rewritten only once no timer is
                 // armed, that is after this one's CQE, so after the kernel took its SQE.
                 let res = unsafe { self.uring.push_timeout(ts, slot as u64) };
-                self.pushed(res)
+                if res.is_err() {
+                    self.timer = None;
+                }
+                self.pushed_op(slot, res)
             }
         }
     }
@@ -744,7 +808,7 @@ impl Hotpath {
         // SAFETY: the kernel copies the timespec when it takes the SQE, and the box lives as
         // long as this engine and its ring, so it outlasts any submission of this SQE.
         let res = unsafe { self.uring.push_timeout(ts, slot as u64) };
-        self.pushed(res)
+        self.pushed_op(slot, res)
     }
 
     fn on_accept_retry(&mut self, op: OpTag, slot: u32, stale: bool) -> RingResult<()> {
@@ -849,6 +913,11 @@ impl Hotpath {
         if let Some(state) = self.current(op.fd, op.generation) {
             state.send_slot = None;
         }
+        if cqe.result == -libc::ECANCELED && self.evacuating {
+            // Cancelled before it sent anything more: the rest is still to be sent.
+            self.requeue_front(op.fd, op.generation, job);
+            return Ok(());
+        }
         if cqe.result > 0 {
             job.sent += cqe.result as usize;
             if job.sent < job.data.len() {
@@ -889,6 +958,70 @@ impl Hotpath {
     /// An empty buffer for the next send, reused from a finished one when there is one.
     pub fn spare_buffer(&mut self) -> Vec<u8> {
         self.spare.pop().unwrap_or_default()
+    }
+
+    // ---- evacuation (a sick ring hands its connections to another loop) ------------------
+
+    /// Cancels every operation but keeps each fd's state, so what completes meanwhile still
+    /// reaches `ready` as usual (received bytes, accepted fds, send results) and output not
+    /// sent stays queued for `take_unsent`. Nothing is armed or sent any more. Waits up to
+    /// `wait` for every final CQE; false when the kernel could not confirm them all (the
+    /// ring cannot be entered, or the wait ran out): only what the CQ held was reaped then.
+    pub fn evacuate(&mut self, wait: Duration) -> bool {
+        self.mark_unhealthy("evacuated to another loop".into());
+        self.evacuating = true;
+        let reaped = self.reap().is_ok();
+        if self.simulate_dead_ring || !reaped || self.uring.is_closed() {
+            return false;
+        }
+        if self.ops_in_flight() > 0 {
+            let res = self.uring.push_cancel_any(UD_INTERNAL);
+            if res.is_err() {
+                return false;
+            }
+        }
+        let deadline = Instant::now() + wait;
+        self.drive_until(deadline, |hp| hp.ops_in_flight() == 0)
+            .unwrap_or(false)
+    }
+
+    /// After `evacuate`: `fd`'s output the kernel has not sent, in order, and whether a send
+    /// of it is unconfirmed (its final CQE never came, so how much reached the peer is
+    /// unknown; that send's bytes are not included).
+    pub fn take_unsent(&mut self, fd: i32) -> (Vec<u8>, bool) {
+        let first_unconsumed = self.uring.first_unconsumed();
+        let Some(state) = self.fds.get_mut(fd) else {
+            return (Vec::new(), false);
+        };
+        let mut out = Vec::new();
+        let mut unconfirmed = false;
+        if let Some(slot) = state.send_slot {
+            let job = self.ops.get(slot).and_then(|op| op.send);
+            let untaken = job.filter(|&index| {
+                self.send_jobs
+                    .get(index)
+                    .is_some_and(|job| job.sqe >= first_unconsumed)
+            });
+            // A send whose SQE the kernel never took never started: it is still ours, and
+            // unsent. One it took may have sent any part of its bytes.
+            match untaken.and_then(|index| self.send_jobs.remove(index)) {
+                Some(job) => out.extend_from_slice(&job.data[job.sent..]),
+                None => unconfirmed = true,
+            }
+        }
+        for job in state.send_queue.take().map(|q| *q).unwrap_or_default() {
+            out.extend_from_slice(&job.data[job.sent..]);
+        }
+        (out, unconfirmed)
+    }
+
+    /// After `evacuate` and `take_unsent`: frees the buffer ring (or leaks what the kernel
+    /// might still touch, when `confirmed` is false) and closes the ring fd.
+    pub fn close_ring(&mut self, confirmed: bool) {
+        self.teardown(confirmed);
+        self.fds.clear();
+        self.starved.clear();
+        self.uring.close();
     }
 
     // ---- teardown -----------------------------------------------------------------------
@@ -1031,6 +1164,120 @@ mod tests {
             close_fd(fd);
         }
         hp.teardown(true);
+    }
+
+    /// A send the peer does not read, then received bytes, then an evacuation.
+    fn evacuation_case(dead: bool) -> (Hotpath, i32, TcpStream, Vec<u8>) {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
+        let (fd, mut client) = accept_one(&mut hp, &listener);
+        hp.submit_recv_multishot(fd).unwrap();
+        let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        hp.submit_send(fd, payload.clone()).unwrap();
+        // Queued behind the one in flight: it must come out after it, in order.
+        hp.submit_send(fd, b"tail".to_vec()).unwrap();
+        client.write_all(b"ping").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hp.counters.recv_bytes < 4 && Instant::now() < deadline {
+            next(&mut hp, deadline);
+        }
+        assert_eq!(hp.counters.recv_bytes, 4);
+        // Until the send waits in the kernel for room (the peer reads nothing): its SQE taken,
+        // and no completion of it pending. A short write on the way resubmits the rest.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sends = hp.counters.short_sends;
+            if let Err(e) = hp.enter(1, Some(Duration::from_millis(50))) {
+                hp.enter_failed(e).unwrap();
+            }
+            hp.reap().unwrap();
+            if hp.uring.sq_pending() == 0 && hp.counters.short_sends == sends {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the send never came to wait for room"
+            );
+        }
+        hp.mark_unhealthy("test".into());
+        hp.simulate_dead_ring = dead;
+        (hp, fd, client, payload)
+    }
+
+    #[test]
+    fn evacuation_returns_what_was_not_sent_and_closes_the_ring() {
+        let (mut hp, fd, mut client, payload) = evacuation_case(false);
+        assert!(
+            hp.evacuate(Duration::from_secs(5)),
+            "the kernel confirmed every op"
+        );
+        assert_eq!(hp.ops_in_flight(), 0);
+        let (unsent, unconfirmed) = hp.take_unsent(fd);
+        assert!(!unconfirmed);
+        hp.close_ring(true);
+        assert!(hp.uring.is_closed());
+        assert!(hp.enter(0, None).is_err(), "a closed ring is never entered");
+        // What reached the peer plus what came back unsent is the output, exactly once.
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        client.set_nonblocking(true).unwrap();
+        while let Ok(n) = client.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(
+            got.len() < payload.len(),
+            "the peer read nothing, so sends were pending"
+        );
+        got.extend_from_slice(&unsent);
+        let mut want = payload;
+        want.extend_from_slice(b"tail");
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got == want,
+            "bytes were lost or repeated across the evacuation"
+        );
+        close_fd(fd);
+    }
+
+    #[test]
+    fn evacuating_a_ring_that_cannot_be_entered_reports_the_send_unconfirmed() {
+        let (mut hp, fd, _client, _payload) = evacuation_case(true);
+        let enters = hp.uring.stats.enters;
+        assert!(!hp.evacuate(Duration::from_secs(5)));
+        assert_eq!(hp.uring.stats.enters, enters, "a dead ring is not entered");
+        let (unsent, unconfirmed) = hp.take_unsent(fd);
+        assert!(unconfirmed, "the send in flight never completed");
+        assert_eq!(
+            unsent, b"tail",
+            "only what never reached the ring is returned"
+        );
+        hp.close_ring(false);
+        close_fd(fd);
+    }
+
+    #[test]
+    fn a_send_the_kernel_never_took_comes_back_whole_from_a_dead_ring() {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
+        let (fd, _client) = accept_one(&mut hp, &listener);
+        // Pushed to the SQ, never submitted: the ring dies before the next enter.
+        hp.submit_send(fd, b"response".to_vec()).unwrap();
+        hp.mark_unhealthy("test".into());
+        hp.simulate_dead_ring = true;
+        assert!(!hp.evacuate(Duration::from_secs(5)));
+        let (unsent, unconfirmed) = hp.take_unsent(fd);
+        assert!(
+            !unconfirmed,
+            "a send the kernel never took is known not to have started"
+        );
+        assert_eq!(unsent, b"response");
+        hp.close_ring(false);
+        close_fd(fd);
     }
 
     #[test]

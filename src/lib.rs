@@ -4,6 +4,7 @@ pub mod bufring;
 mod deadline;
 pub mod errors;
 mod fdmap;
+mod handover;
 pub mod hotpath;
 mod hotpath_py;
 pub mod http;
@@ -41,6 +42,8 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<protocol::PyWsgiApp>()?;
     m.add_class::<protocol::HttpProtocol>()?;
     m.add_class::<serve::UringServer>()?;
+    m.add_class::<handover::Handover>()?;
+    m.add_class::<handover::HandedOver>()?;
     m.add_class::<wsgi::file_wrapper::FileWrapper>()?;
     m.add_class::<tls_config::TlsConfig>()?;
     m.add_class::<metrics_py::MetricsBlock>()?;

@@ -120,9 +120,7 @@ pub fn probe() -> ProbeReport {
     let mut opcodes = Probe::new();
     if uring
         .ring()
-        .submitter()
-        .register_probe(&mut opcodes)
-        .is_ok()
+        .is_ok_and(|r| r.submitter().register_probe(&mut opcodes).is_ok())
     {
         report.send_zc = opcodes.is_supported(opcode::SendZc::CODE);
     }

@@ -9,6 +9,7 @@ use pyo3::types::PyBytes;
 
 use crate::deadline::{Phase, Timer};
 use crate::errors::{BodyError, TlsLoadError};
+use crate::handover::HandedOver;
 use crate::http::Limits;
 use crate::metrics_py::MetricsSlot;
 use crate::session::Session;
@@ -166,7 +167,7 @@ impl Transport for PyTransport {
 pub struct HttpProtocol {
     app: Py<PyWsgiApp>,
     transport: Arc<dyn Transport>,
-    session: Mutex<Session>,
+    session: Arc<Mutex<Session>>,
     /// Which timeout the connection is under; the loop keeps the deadlines themselves.
     phase: Mutex<Phase>,
 }
@@ -231,8 +232,24 @@ impl HttpProtocol {
         Ok(HttpProtocol {
             app,
             transport,
-            session: Mutex::new(Session::new(io, peer)),
+            session: Arc::new(Mutex::new(Session::new(io, peer))),
             phase: Mutex::new(Phase::opened().0),
+        })
+    }
+
+    /// Carries on a connection the io_uring loop handed over: its session (bytes received
+    /// and parsed, TLS state, requests so far) and its timing state. Call `advance()` next,
+    /// for input that arrived before the hand-over.
+    #[staticmethod]
+    fn adopt(app: Py<PyWsgiApp>, handed: &HandedOver, transport: Py<PyAny>) -> PyResult<Self> {
+        let state = handed.take_state().ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err("this connection was already adopted")
+        })?;
+        Ok(HttpProtocol {
+            app,
+            transport: Arc::new(PyTransport { obj: transport }),
+            session: state.session,
+            phase: Mutex::new(state.phase),
         })
     }
 
@@ -271,6 +288,15 @@ impl HttpProtocol {
         let bytes = self.process(py, &mut session, Vec::new());
         session.close();
         bytes
+    }
+
+    /// Answers the requests the bytes received so far complete; returns bytes to send.
+    fn advance<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let mut session = self.session();
+        if session.closing() {
+            return PyBytes::new(py, b"");
+        }
+        self.process(py, &mut session, Vec::new())
     }
 
     /// Answers requests that were held back while output piled up; call it once the bytes

@@ -12,6 +12,7 @@ use pyo3::types::PyDict;
 use crate::deadline::{Awaiting, Deadlines, Kind, Phase, Timeouts, Timer};
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::fdmap::FdMap;
+use crate::handover::{ConnState, HandedOver, Handover};
 use crate::hotpath::{Accepting, CancelTicket, Completion, Hotpath, OpKind};
 use crate::hotpath_py::stats_dict;
 use crate::http::Limits;
@@ -22,7 +23,7 @@ use crate::pyargs::fd_of;
 use crate::session::{Session, OUT_HIGH_WATER};
 use crate::tls::{self, TlsFilter};
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
-use crate::uring::{close_fd, peer_addr};
+use crate::uring::{close_fd, peer_addr, recv_waiting, send_waiting};
 use crate::working::{lock_session, WorkPool, Working};
 use crate::wsgi::environ::{Peer, PeerHost};
 
@@ -106,7 +107,20 @@ struct Core {
     cap: ConnCap,
     /// This worker's metrics slot, refreshed before every wait.
     metrics: Option<RingPublisher>,
+    /// The ring is being given up: accepted connections are no longer armed.
+    evacuated: bool,
+    /// Times the loop handed its connections to epoll (0 or 1: it happens once).
+    fallback_engaged: u64,
+    /// Set from any thread by `force_unhealthy`: the reason, and whether the ring may still
+    /// be entered to cancel its operations.
+    forced: Arc<Mutex<Option<(String, bool)>>>,
+    /// What the ring's loop hands over, once it gave the ring up; sessions that were
+    /// running then finish their turn into it.
+    handed: Option<HandoverData>,
 }
+
+/// Set by `force_unhealthy`: the reason and whether the ring can still be entered.
+type Forced = Arc<Mutex<Option<(String, bool)>>>;
 
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|p| p.into_inner())
@@ -251,6 +265,9 @@ impl Core {
         }
         self.conns.insert(fd, conn);
         self.timers.apply(fd as u32, timer, Instant::now());
+        if self.evacuated {
+            return Ok(());
+        }
         self.hp.submit_recv_multishot(fd)?;
         self.regulate_accepts()
     }
@@ -317,6 +334,15 @@ impl Core {
     /// After a session's turn: sends what it produced (the lent buffer goes back to the pool
     /// if it stayed empty) and closes the connection if it is over and nothing is in flight.
     fn finish_turn(&mut self, fd: i32, closing: bool) -> RingResult<()> {
+        if let Some(handed) = self.handed.as_mut() {
+            // The ring was given up during the turn: the output waits for epoll.
+            if let Some(conn) = handed.conns.iter_mut().find(|c| c.fd == fd) {
+                let out = wire_out(&mut self.hp, &mut lock_io(&conn.io), closing);
+                conn.unsent.extend_from_slice(&out);
+                self.hp.recycle(out);
+            }
+            return Ok(());
+        }
         let Some(conn) = self.conns.get_mut(fd) else {
             return Ok(());
         };
@@ -495,19 +521,29 @@ impl Core {
             .filter(|c| c.working().is_some_and(|w| Arc::ptr_eq(&w.io, io)))
     }
 
-    /// Waits, without the GIL, until connection `fd` has received something.
-    fn wait_for_input(&mut self, fd: i32, io: &SharedIo) -> Result<(), BodyError> {
+    /// Waits, without the GIL, until connection `fd` has received something. True when the
+    /// ring was given up instead (it is unhealthy): the caller reads the socket itself then.
+    fn wait_for_input(&mut self, fd: i32, io: &SharedIo) -> Result<bool, BodyError> {
+        if self.handed.is_some() {
+            return Ok(true);
+        }
         let Some(start) = self.conn_of(fd, io).map(|c| c.received) else {
             return Err(BodyError::Disconnected(None));
         };
         let wait = self.timers.timeouts().body;
         let deadline = Instant::now() + wait;
         loop {
-            self.deliver()?;
+            let delivered = self.deliver();
+            if self.sick() {
+                // Given up at once, so the app's read carries on without the ring.
+                self.hand_over_once();
+                return Ok(true);
+            }
+            delivered?;
             match self.conn_of(fd, io) {
                 None => return Err(BodyError::Disconnected(None)),
                 Some(c) if c.broken.is_some() => return Err(BodyError::Disconnected(c.broken)),
-                Some(c) if c.received != start => return Ok(()),
+                Some(c) if c.received != start => return Ok(false),
                 Some(_) => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -515,7 +551,7 @@ impl Core {
                 return Err(BodyError::TimedOut(wait));
             }
             if let Err(e) = self.hp.enter(1, Some(left)) {
-                self.hp.enter_failed(e)?;
+                let _ = self.hp.enter_failed(e);
             }
         }
     }
@@ -543,6 +579,160 @@ impl Core {
         }
         confirmed
     }
+}
+
+/// One connection handed over, before it is wrapped for Python.
+struct HandedConn {
+    fd: i32,
+    io: SharedIo,
+    unsent: Vec<u8>,
+    timer: Option<(&'static str, f64)>,
+    overdue: bool,
+    state: ConnState,
+}
+
+/// What the loop hands over when its ring turns unhealthy, before it is wrapped for Python.
+struct HandoverData {
+    reason: String,
+    conns: Vec<HandedConn>,
+    woken: bool,
+    dropped: usize,
+    confirmed: bool,
+}
+
+/// Live fallback: a sick ring gives its connections, with their state, to the epoll loop.
+impl Core {
+    /// Cancels every operation and delivers what completes meanwhile (received bytes,
+    /// accepted connections, send results); takes each connection's unsent output from the
+    /// ring; closes the ring. A connection whose send the kernel never confirmed (the ring
+    /// could not be entered) is closed: how much of it reached the peer is unknown.
+    fn hand_over(&mut self) -> HandoverData {
+        let reason = self
+            .hp
+            .unhealthy_reason()
+            .unwrap_or("unknown reason")
+            .to_owned();
+        self.evacuated = true;
+        self.torn_down = true;
+        self.fallback_engaged += 1;
+        let confirmed = self.hp.evacuate(SHUTDOWN_WAIT);
+        // Without a confirmed end, only what the CQ already held is delivered.
+        let _ = self.deliver();
+        // The ring's last counters, before it goes.
+        self.publish_metrics();
+        let now = Instant::now();
+        let mut conns = Vec::new();
+        let mut to_close = Vec::new();
+        let mut dropped = 0;
+        let fds: Vec<i32> = self.conns.fds().collect();
+        for fd in fds {
+            let Some(mut conn) = self.conns.remove(fd) else {
+                continue;
+            };
+            // A resting connection gets its working state back: epoll keeps one per connection.
+            let resting = conn.working().is_none();
+            conn.work(&mut self.pool, self.limits, fd);
+            let State::Working(w) = conn.state else {
+                unreachable!("lent just above")
+            };
+            if resting && conn.phase.requests() != 0 {
+                // Between requests of a keep-alive connection, as a graceful stop must see it.
+                lock_io(&w.io).conn.continue_kept_alive();
+            }
+            let (unsent, unconfirmed) = self.hp.take_unsent(fd);
+            let timer = self.timers.deadline_of(fd as u32).map(|(kind, at)| {
+                let left = at.saturating_duration_since(now).as_secs_f64();
+                (kind.name(), left)
+            });
+            self.timers.stop(fd as u32);
+            if unconfirmed {
+                dropped += 1;
+            }
+            if conn.broken.is_some() || unconfirmed || (conn.closing && unsent.is_empty()) {
+                self.pool.recycle(w);
+                to_close.push(fd);
+                continue;
+            }
+            conns.push(HandedConn {
+                fd,
+                io: w.io,
+                unsent,
+                timer,
+                overdue: conn.overdue,
+                state: ConnState {
+                    session: w.session,
+                    phase: conn.phase,
+                },
+            });
+        }
+        self.hp.close_ring(confirmed);
+        // The ring is gone, and with it every operation that held these fds.
+        for fd in to_close {
+            close_fd(fd);
+        }
+        for ticket in self.unclosed.drain(..) {
+            close_fd(ticket.fd);
+        }
+        HandoverData {
+            reason,
+            conns,
+            woken: std::mem::take(&mut self.woken),
+            dropped,
+            confirmed,
+        }
+    }
+
+    /// Applies a pending `force_unhealthy`; true when the ring is unhealthy.
+    fn sick(&mut self) -> bool {
+        let forced = self.forced.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((reason, ring_usable)) = forced {
+            self.hp.simulate_dead_ring = !ring_usable;
+            self.hp.mark_unhealthy(reason);
+        }
+        self.hp.unhealthy_reason().is_some()
+    }
+
+    /// Gives the ring up, unless that is done already.
+    fn hand_over_once(&mut self) {
+        if self.handed.is_none() {
+            self.handed = Some(self.hand_over());
+        }
+    }
+
+    /// The handed-over connection `io` belongs to.
+    fn handed_conn(&mut self, fd: i32, io: &SharedIo) -> Option<&mut HandedConn> {
+        let handed = self.handed.as_mut()?;
+        handed
+            .conns
+            .iter_mut()
+            .find(|c| c.fd == fd && Arc::ptr_eq(&c.io, io))
+    }
+
+    /// Sends to a handed-over connection directly, while the session that runs on it
+    /// finishes its turn: what the ring left unsent first, then `bytes`.
+    fn send_handed(&mut self, fd: i32, io: &SharedIo, bytes: &[u8]) -> Result<(), BodyError> {
+        let wait = self.timers.timeouts().body;
+        let Some(conn) = self.handed_conn(fd, io) else {
+            return Err(BodyError::Disconnected(None));
+        };
+        let earlier = std::mem::take(&mut conn.unsent);
+        for part in [&earlier[..], bytes] {
+            match send_waiting(fd, part, wait) {
+                Ok(true) => {}
+                Ok(false) => return Err(BodyError::TimedOut(wait)),
+                Err(e) => return Err(BodyError::Disconnected(e.raw_os_error())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a serve loop ended.
+enum Ended {
+    Stopped,
+    /// The ring turned unhealthy; a graceful stop in progress ends at the deadline given.
+    /// The flag says a wake-up was taken and not yet answered.
+    Sick(Option<Instant>, bool),
 }
 
 /// A timeout option in seconds, as a Duration: positive and finite.
@@ -649,10 +839,15 @@ struct LoopTransport {
 }
 
 impl Transport for LoopTransport {
-    fn send_now(&self, _py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
+    fn send_now(&self, py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
         let fd = lock_io(io).fd;
-        let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
-        let mut core = lock(&core);
+        let shared = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
+        let mut core = lock(&shared);
+        if core.handed.is_some() {
+            drop(core);
+            let bytes = tls::sealed(&mut lock_io(io), bytes);
+            return py.detach(|| lock(&shared).send_handed(fd, io, &bytes));
+        }
         if core.conn_of(fd, io).is_none() {
             return Err(BodyError::Disconnected(None));
         }
@@ -665,9 +860,38 @@ impl Transport for LoopTransport {
     fn pull(&self, py: Python<'_>, io: &SharedIo) -> Result<(), BodyError> {
         let fd = lock_io(io).fd;
         let core = self.core.upgrade().ok_or(BodyError::Disconnected(None))?;
-        let io = io.clone();
-        py.detach(move || lock(&core).wait_for_input(fd, &io))
+        let handed_over = py.detach(|| lock(&core).wait_for_input(fd, io))?;
+        if handed_over {
+            py.detach(|| pull_directly(&core, fd, io))?;
+        }
+        Ok(())
     }
+}
+
+/// A body read on a connection whose ring was given up mid-request: straight from the
+/// socket, as the epoll loop's transport reads.
+fn pull_directly(core: &Mutex<Core>, fd: i32, io: &SharedIo) -> Result<(), BodyError> {
+    let wait = lock(core).timers.timeouts().body;
+    let mut buf = vec![0; 64 * 1024];
+    let n = match recv_waiting(fd, &mut buf, wait) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Err(BodyError::TimedOut(wait)),
+        Err(e) => {
+            lock_io(io).conn.receive_eof();
+            return Err(BodyError::Disconnected(e.raw_os_error()));
+        }
+    };
+    let mut guard = lock_io(io);
+    if n == 0 {
+        guard.conn.receive_eof();
+        return Ok(());
+    }
+    let reply = tls::receive_wire(&mut guard, &buf[..n]);
+    drop(guard);
+    if reply.is_empty() {
+        return Ok(());
+    }
+    lock(core).send_handed(fd, io, &reply)
 }
 
 /// Serves one WSGI app on one listening socket with the native io_uring loop.
@@ -680,21 +904,32 @@ pub struct UringServer {
     app: Py<PyWsgiApp>,
     core: Arc<Mutex<Core>>,
     setup_flags: Vec<&'static str>,
+    /// Shared with the core, but never behind its lock: `force_unhealthy` may be called
+    /// while the loop waits in the kernel holding that.
+    forced: Forced,
 }
 
 impl UringServer {
+    /// Marks the ring unhealthy if `force_unhealthy` asked for it; true when it is unhealthy.
+    fn sick(&self) -> bool {
+        lock(&self.core).sick()
+    }
+
     fn run(
         &self,
         py: Python<'_>,
         stopping: &Bound<'_, PyAny>,
         drain: &DrainPolicy<'_>,
-    ) -> PyResult<()> {
+    ) -> PyResult<Ended> {
         let app = self.app.get().app();
         let mut batch = Vec::new();
         // The graceful deadline, once draining.
         let mut deadline: Option<Instant> = None;
         loop {
-            let woken = py.detach(|| -> RingResult<_> {
+            if self.sick() {
+                return Ok(Ended::Sick(deadline, false));
+            }
+            let waited = py.detach(|| -> RingResult<_> {
                 let mut core = lock(&self.core);
                 // Before waiting: what the previous turns changed is settled.
                 core.publish_metrics();
@@ -708,7 +943,12 @@ impl UringServer {
                     core.batched_conns += batch.len() as u64;
                 }
                 Ok(std::mem::take(&mut core.woken))
-            })?;
+            });
+            let woken = match waited {
+                Ok(woken) => woken,
+                Err(_) if self.sick() => return Ok(Ended::Sick(deadline, false)),
+                Err(e) => return Err(e.into()),
+            };
             // Every pass, not only after EINTR: a signal that lands while this thread is out
             // of the kernel interrupts nothing, and its Python handler must still run.
             py.check_signals()?;
@@ -722,19 +962,37 @@ impl UringServer {
                 // seen unshared and goes back to the pool.
                 drop(session);
                 let mut core = lock(&self.core);
-                core.finish_turn(fd, closing)?;
-                core.retime(fd, awaiting)?;
+                let turned = core
+                    .finish_turn(fd, closing)
+                    .and_then(|()| core.retime(fd, awaiting));
+                // On a sick ring the output stays queued for the hand-over, and the other
+                // sessions of the batch still run: epoll sends what they produce.
+                if let Err(e) = turned {
+                    if !core.sick() {
+                        return Err(e.into());
+                    }
+                }
             }
             if woken && stopping.call0()?.is_truthy()? {
-                return Ok(());
+                return Ok(Ended::Stopped);
+            }
+            if self.sick() {
+                return Ok(Ended::Sick(deadline, woken));
             }
             if deadline.is_none() && drain.should_drain(woken, app.requests())? {
                 deadline = Some(Instant::now() + drain.grace);
-                py.detach(|| lock(&self.core).begin_drain())?;
+                match py.detach(|| lock(&self.core).begin_drain()) {
+                    Err(_) if self.sick() => return Ok(Ended::Sick(deadline, false)),
+                    other => other?,
+                }
             }
             if let Some(at) = deadline {
-                if py.detach(|| lock(&self.core).drain_pass())? || Instant::now() >= at {
-                    return Ok(());
+                match py.detach(|| lock(&self.core).drain_pass()) {
+                    Ok(true) => return Ok(Ended::Stopped),
+                    Err(_) if self.sick() => return Ok(Ended::Sick(deadline, false)),
+                    Err(e) => return Err(e.into()),
+                    Ok(false) if Instant::now() >= at => return Ok(Ended::Stopped),
+                    Ok(false) => {}
                 }
             }
         }
@@ -775,6 +1033,7 @@ impl UringServer {
             );
         }
         let hp = Hotpath::new(queue_depth, n_bufs, buf_size)?;
+        let forced = Forced::default();
         let setup_flags = hp.uring.report.flags.clone();
         let limits = app.get().limits();
         let tls = app.get().tls().cloned();
@@ -806,6 +1065,10 @@ impl UringServer {
                 .metrics()
                 .cloned()
                 .map(RingPublisher::new),
+            evacuated: false,
+            fallback_engaged: 0,
+            forced: forced.clone(),
+            handed: None,
         }));
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
             core: Arc::downgrade(&core),
@@ -816,6 +1079,7 @@ impl UringServer {
             app,
             core,
             setup_flags,
+            forced,
         })
     }
 
@@ -825,6 +1089,10 @@ impl UringServer {
     /// `max_requests` requests were taken; without it, reaching that count is enough): no
     /// more accepts, idle connections closed, the others after their current request, the
     /// rest after `graceful_timeout` seconds.
+    ///
+    /// When the ring turns unhealthy (an unexpected enter or submit error, or
+    /// `force_unhealthy()`), its operations are cancelled, the ring is closed and a Handover
+    /// is returned: the open connections with their state, for the epoll loop to carry on.
     #[pyo3(signature = (stopping, *, draining = None, max_requests = 0, graceful_timeout = 30.0))]
     fn serve(
         &self,
@@ -833,7 +1101,7 @@ impl UringServer {
         draining: Option<Bound<'_, PyAny>>,
         max_requests: u64,
         graceful_timeout: f64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Option<Handover>> {
         let grace = Duration::try_from_secs_f64(graceful_timeout).map_err(|_| {
             RingError::InvalidArgument(format!(
                 "graceful_timeout must be a non-negative number of seconds, not {graceful_timeout}"
@@ -855,6 +1123,27 @@ impl UringServer {
             core.hp.submit_recv_multishot(wake)?;
         }
         let served = self.run(py, stopping, &drain);
+        if let Ok(Ended::Sick(deadline, woken)) = served {
+            let data = py.detach(|| {
+                let mut core = lock(&self.core);
+                core.hand_over_once();
+                core.handed.take().expect("just handed over")
+            });
+            let mut connections = Vec::with_capacity(data.conns.len());
+            for c in data.conns {
+                let handed = HandedOver::new(c.fd, c.unsent, c.timer, c.overdue, c.state);
+                connections.push(Py::new(py, handed)?);
+            }
+            let now = Instant::now();
+            return Ok(Some(Handover {
+                reason: data.reason,
+                connections,
+                woken: woken || data.woken,
+                dropped: data.dropped,
+                confirmed: data.confirmed,
+                drain_left: deadline.map(|at| at.saturating_duration_since(now).as_secs_f64()),
+            }));
+        }
         let confirmed = py.detach(|| lock(&self.core).stop_serving());
         served?;
         if !confirmed {
@@ -865,7 +1154,19 @@ impl UringServer {
             )
             .into());
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Makes the ring unhealthy, as an unexpected enter error would: the loop hands its
+    /// connections over when it next wakes (write a byte to the wake socket to wake it now).
+    /// Callable from any thread. With `ring_usable` false, the ring is treated as one that
+    /// cannot be entered any more (nothing is cancelled; only completions already posted
+    /// are read). A test hook.
+    #[pyo3(signature = (reason = None, *, ring_usable = true))]
+    fn force_unhealthy(&self, reason: Option<String>, ring_usable: bool) {
+        let reason = reason.unwrap_or_else(|| "forced by force_unhealthy()".to_owned());
+        let mut forced = self.forced.lock().unwrap_or_else(|p| p.into_inner());
+        forced.get_or_insert((reason, ring_usable));
     }
 
     #[getter]
@@ -889,6 +1190,7 @@ impl UringServer {
         d.set_item("timed_connections", core.timers.len())?;
         d.set_item("requests", self.app.get().app().requests())?;
         d.set_item("working_states", core.pool.made)?;
+        d.set_item("fallback_engaged", core.fallback_engaged)?;
         Ok(d)
     }
 }

@@ -62,6 +62,14 @@ pub struct Uring {
     ext_arg: bool,
     /// Set in a forked child: the ring memory is the parent's and must not be unmapped here.
     leak_on_drop: bool,
+    /// Set by `close()`: the ring is unmapped and its fd closed; every use fails with EBADF.
+    closed: bool,
+    /// SQEs pushed so far: the next one pushed gets this number.
+    pushed: u64,
+}
+
+fn closed_error() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
 }
 
 fn build(entries: u32, cq_entries: Option<u32>, flags: &[&str]) -> io::Result<IoUring> {
@@ -104,6 +112,8 @@ impl Uring {
                         stats: EnterStats::default(),
                         ext_arg,
                         leak_on_drop: false,
+                        closed: false,
+                        pushed: 0,
                     });
                 }
                 Err(err)
@@ -127,12 +137,36 @@ impl Uring {
         self.report.flags.contains(&flag)
     }
 
+    /// The ring's fd, or -1 once closed.
     pub fn raw_fd(&self) -> i32 {
+        if self.closed {
+            return -1;
+        }
         self.ring.as_raw_fd()
     }
 
-    pub fn ring(&self) -> &IoUring {
-        &self.ring
+    pub fn ring(&self) -> io::Result<&IoUring> {
+        if self.closed {
+            return Err(closed_error());
+        }
+        Ok(&self.ring)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Unmaps the ring and closes its fd now, while its owner lives on (a server that moved
+    /// to epoll). The kernel cancels whatever is still armed; the caller must already have
+    /// leaked any memory those operations might touch. Later calls fail with EBADF.
+    pub fn close(&mut self) {
+        if self.closed || self.leak_on_drop {
+            return;
+        }
+        self.closed = true;
+        // SAFETY: `closed` makes every later use of `ring` return EBADF (and Drop skip it),
+        // so it is dropped exactly once and never touched again.
+        unsafe { ManuallyDrop::drop(&mut self.ring) }
     }
 
     /// Marks this ring as inherited through fork(): dropping it closes only this process's fd.
@@ -145,9 +179,13 @@ impl Uring {
     /// # Safety
     /// Every pointer in `entry` must stay valid until the operation's final CQE is reaped.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        if self.closed {
+            return Err(closed_error());
+        }
         loop {
             // SAFETY: the caller guarantees the SQE's memory outlives the operation.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.pushed += 1;
                 return Ok(());
             }
             // The SQ is full: hand what is queued to the kernel, then retry.
@@ -272,12 +310,29 @@ impl Uring {
         self.push_plain(entry)
     }
 
+    /// The number the next SQE pushed will get (see `first_unconsumed`).
+    pub fn next_sqe(&self) -> u64 {
+        self.pushed
+    }
+
+    /// The number of the first SQE the kernel has not taken from the SQ: that one and every
+    /// later one never started (without SQPOLL, only an enter takes SQEs).
+    pub fn first_unconsumed(&mut self) -> u64 {
+        self.pushed - self.sq_pending() as u64
+    }
+
     pub fn sq_pending(&mut self) -> usize {
+        if self.closed {
+            return 0;
+        }
         self.ring.submission().len()
     }
 
     /// One io_uring_enter: submits what is queued and returns at once.
     pub fn submit(&mut self) -> io::Result<usize> {
+        if self.closed {
+            return Err(closed_error());
+        }
         self.stats.enters += 1;
         let n = self.ring.submit()?;
         self.stats.submissions += n as u64;
@@ -287,6 +342,9 @@ impl Uring {
     /// One io_uring_enter: submits what is queued and waits for `want` CQEs or the timeout.
     /// A timeout shows as `Err(ETIME)`.
     pub fn submit_and_wait(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<usize> {
+        if self.closed {
+            return Err(closed_error());
+        }
         self.stats.enters += 1;
         let n = match timeout {
             _ if want == 0 => {
@@ -322,6 +380,9 @@ impl Uring {
 
     /// Copies every CQE now in the CQ into `out`, without entering the kernel.
     pub fn reap(&mut self, out: &mut Vec<Cqe>) -> usize {
+        if self.closed {
+            return 0;
+        }
         let before = out.len();
         let mut cq = self.ring.completion();
         cq.sync();
@@ -338,12 +399,18 @@ impl Uring {
     }
 
     pub fn cq_overflow(&mut self) -> u32 {
+        if self.closed {
+            return 0;
+        }
         self.ring.completion().overflow()
     }
 }
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
         if self.leak_on_drop {
             // SAFETY: in a forked child the ring's mappings were not inherited (dontfork), so
             // unmapping their addresses could hit an unrelated mapping; only our fd copy is ours.
@@ -408,6 +475,79 @@ pub fn close_fd(fd: i32) {
     unsafe {
         libc::close(fd);
     }
+}
+
+/// Waits up to `timeout` for `events` on `fd`; false when the time ran out.
+fn poll_fd(fd: i32, events: i16, timeout: Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, of which poll writes only `revents`.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc >= 0 {
+            // POLLERR and POLLHUP count as ready: the next recv or send reports them.
+            return Ok(rc > 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// Reads what socket `fd` has, waiting up to `timeout` for something: None when nothing
+/// came in time, Some(0) at EOF. For a connection no ring serves any more.
+pub fn recv_waiting(fd: i32, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: the pointer and length describe `buf`, which recv may fill.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN) => {
+                if !poll_fd(fd, libc::POLLIN, timeout)? {
+                    return Ok(None);
+                }
+            }
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Sends all of `data` on socket `fd`, waiting up to `timeout` for each bit of progress;
+/// false when the peer read nothing for that long. For a connection no ring serves any more.
+pub fn send_waiting(fd: i32, data: &[u8], timeout: Duration) -> io::Result<bool> {
+    let mut sent = 0;
+    while sent < data.len() {
+        let rest = &data[sent..];
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        // SAFETY: the pointer and length describe `rest`, which send only reads.
+        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN) => {
+                if !poll_fd(fd, libc::POLLOUT, timeout)? {
+                    return Ok(false);
+                }
+            }
+            _ => return Err(err),
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

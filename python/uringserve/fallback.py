@@ -7,9 +7,13 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ._uringserve import HttpProtocol, MetricsSlot, WsgiApp
 from .timeouts import Deadlines
+
+if TYPE_CHECKING:
+    from ._uringserve import HandedOver, Handover
 
 # Below glibc's mmap threshold: a bigger recv() buffer costs an mmap/munmap pair per read.
 READ_SIZE = 64 * 1024
@@ -64,14 +68,24 @@ class _Conn:
     __slots__ = ("out", "overdue", "proto", "sock")
 
     def __init__(
-        self, sock: socket.socket, app: WsgiApp, peer: tuple[str, int], body_timeout: float
+        self,
+        sock: socket.socket,
+        app: WsgiApp,
+        peer: tuple[str, int],
+        body_timeout: float,
+        handed: HandedOver | None = None,
     ) -> None:
         self.sock = sock
         # Shared with the transport, so early sends queue behind what is already waiting.
-        self.out = bytearray()
-        self.proto = HttpProtocol(app, peer[0], peer[1], _Transport(sock, self.out, body_timeout))
+        # A connection handed over by a sick ring starts with what the ring did not send.
+        self.out = bytearray(handed.unsent if handed is not None else b"")
+        transport = _Transport(sock, self.out, body_timeout)
+        if handed is None:
+            self.proto = HttpProtocol(app, peer[0], peer[1], transport)
+        else:
+            self.proto = HttpProtocol.adopt(app, handed, transport)
         # Its deadline passed while its input waited to be handled: the next turn decides.
-        self.overdue = False
+        self.overdue = handed.overdue if handed is not None else False
 
 
 def _idle(conn: _Conn) -> bool:
@@ -102,6 +116,7 @@ def serve_epoll(
     max_requests: int = 0,
     graceful_timeout: float = 30.0,
     metrics: MetricsSlot | None = None,
+    adopt: Handover | None = None,
 ) -> None:
     """Serve until stopping() is true after a wake-up; returns with every connection closed.
 
@@ -112,6 +127,9 @@ def serve_epoll(
 
     Stops gracefully (as UringServer.serve does) when draining() is true after a wake-up,
     or once app.requests reaches max_requests. The open connections are shown in `metrics`.
+
+    `adopt` is what a sick io_uring loop handed over: its open connections carry on here
+    with their sessions, unsent output and deadlines (and a graceful stop in progress too).
     """
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -211,13 +229,50 @@ def serve_epoll(
                 update(conn)
         return not conns
 
+    def adopt_all(handover: Handover) -> bool:
+        """Takes the handed-over connections in; True if the ring consumed a wake-up."""
+        now = time.monotonic()
+        timeout = {"header": header_timeout, "keep_alive": keep_alive_timeout}
+        timeout["body"] = body_timeout
+        # Deadlines are kept in the order they fall due, so they are taken in that order.
+        order = sorted(handover.connections, key=lambda h: h.due_in or 0.0)
+        adopted = []
+        for handed in order:
+            sock = socket.socket(fileno=handed.fd)
+            sock.setblocking(False)
+            conn = _Conn(sock, app, ("", 0), body_timeout, handed)
+            conns[sock.fileno()] = conn
+            sel.register(sock, selectors.EVENT_READ, conn)
+            if handed.timer is not None and handed.due_in is not None:
+                started = now + handed.due_in - timeout[handed.timer]
+                timers.start(conn, handed.timer, started)
+            adopted.append(conn)
+        # Bytes that arrived before the hand-over may complete requests: answer them now.
+        for conn in adopted:
+            conn.out += conn.proto.advance()
+            if pump(conn) and retime(conn, True):
+                update(conn)
+        regulate_accepts()
+        if metrics is not None:
+            metrics.set_connections(len(conns))
+        return handover.woken
+
     deadline: float | None = None  # the graceful deadline, once draining
+    woken_before = False
     try:
+        if adopt is not None:
+            woken_before = adopt_all(adopt)
+            if adopt.drain_left is not None:
+                deadline = time.monotonic() + adopt.drain_left
+                max_connections = 0
+                regulate_accepts()
         while not stopping():
-            woken = False
+            woken, woken_before = woken_before, False
             due = timers.next_due()
             if deadline is not None:
                 due = deadline if due is None else min(due, deadline)
+            if woken:
+                due = time.monotonic()
             events = sel.select(None if due is None else max(0.0, due - time.monotonic()))
             expire(events)
             for key, mask in events:

@@ -122,6 +122,11 @@ class Server:
         self._max_requests = self.config.max_requests
         self._retiring = False
         self._log_startup = True
+        # The native loop while it serves, for force_unhealthy() from other threads.
+        self._native: Any = None
+        # Times a sick ring handed this server's connections to epoll (live fallback).
+        self.fallback_engaged = 0
+        self._fell_back = False
 
     def _start_observing(self) -> None:
         """Logs and metrics (see logs.py, metrics.py); a worker gets its metrics slot from
@@ -151,7 +156,8 @@ class Server:
 
     @property
     def backend(self) -> str:
-        return "io_uring" if self._use_uring else "epoll"
+        """The loop serving now: "epoll" also once a sick ring handed over to it."""
+        return "io_uring" if self._use_uring and not self._fell_back else "epoll"
 
     @property
     def server_address(self) -> tuple[Any, ...]:
@@ -264,6 +270,8 @@ class Server:
             if on_main
             else None
         )
+        # A new run opens a new ring, whatever happened to the last one.
+        self._fell_back = False
         slot = self._metrics_slot
         if slot is not None:
             slot.set_backend(self.backend)
@@ -289,10 +297,14 @@ class Server:
                     buf_size=c.buf_size,
                     **self._conn_limits(),
                 )
+                self._native = native
                 try:
-                    native.serve(self._stop.is_set, **drain)
+                    handover = native.serve(self._stop.is_set, **drain)
                 finally:
+                    self._native = None
                     self.ring_stats = native.stats()
+                if handover is not None:
+                    self._fall_back(app, handover, drain)
             else:
                 from .fallback import serve_epoll
 
@@ -312,6 +324,54 @@ class Server:
             self._stop.clear()
             self._drain.clear()
             self._stopped.set()
+
+    def _fall_back(self, app: Any, handover: Any, drain: dict[str, Any]) -> None:
+        """Carries on with epoll after the ring turned unhealthy: same listener, same
+        connections with their state."""
+        from .fallback import serve_epoll
+
+        self.fallback_engaged += 1
+        self._fell_back = True
+        slot = self._metrics_slot
+        if slot is not None:
+            slot.fallback_engaged()
+            slot.set_backend("epoll")
+        lost = ""
+        if handover.dropped:
+            lost = f"; {handover.dropped} with a send the kernel never confirmed were closed"
+        error_log.warning(
+            "io_uring ring unhealthy (%s): serving on epoll from now on, with the listener "
+            "and %d open connections%s (fallback_engaged=%d)",
+            handover.reason,
+            len(handover.connections),
+            lost,
+            self.fallback_engaged,
+        )
+        serve_epoll(
+            self.socket,
+            app,
+            self._wake_r,
+            self._stop.is_set,
+            **self._conn_limits(),
+            **drain,
+            metrics=slot,
+            adopt=handover,
+        )
+
+    def force_unhealthy(self, reason: str | None = None, *, ring_usable: bool = True) -> bool:
+        """Test hook: make the serving io_uring ring unhealthy, as an unexpected enter error
+        would, and wake its loop; it moves to epoll with its open connections. Callable from
+        any thread. With `ring_usable` false the ring is treated as one that can no longer
+        be entered. False when no ring serves (epoll backend, or not serving)."""
+        native = self._native
+        if native is None:
+            return False
+        native.force_unhealthy(reason, ring_usable=ring_usable)
+        try:
+            self._wake_w.send(b"u")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
+        return True
 
     def shutdown(self, wait: bool = True, *, graceful: bool = False) -> None:
         """Stop serve_forever(); callable from another thread or a signal handler.

@@ -58,8 +58,25 @@ def _quit_now(server: Server) -> None:
     timer.start()
 
 
+#: Set to 1 in the environment to enable the test hooks below; never in production.
+TEST_HOOKS_ENV = "URINGSERVE_TEST_HOOKS"
+
+
+def install_test_hooks(server: Server) -> None:
+    """Test hook, only with URINGSERVE_TEST_HOOKS=1: SIGUSR2 makes the serving io_uring ring
+    unhealthy (Server.force_unhealthy), so the live move to epoll can be tested in a worker."""
+    if os.environ.get(TEST_HOOKS_ENV) != "1":
+        return
+
+    def sick(signum: int, frame: object) -> None:
+        server.force_unhealthy(f"SIGUSR2 test hook ({TEST_HOOKS_ENV}=1)")
+
+    signal.signal(signal.SIGUSR2, sick)
+
+
 def install_stop_signals(server: Server) -> None:
-    """SIGTERM/SIGINT stop gracefully, SIGQUIT at once; for one serving process."""
+    """SIGTERM/SIGINT stop gracefully, SIGQUIT at once; for one serving process. With
+    URINGSERVE_TEST_HOOKS=1, SIGUSR2 is the test hook of install_test_hooks()."""
 
     def graceful(signum: int, frame: object) -> None:
         server.shutdown(wait=False, graceful=True)
@@ -69,6 +86,7 @@ def install_stop_signals(server: Server) -> None:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, quit_ if sig == signal.SIGQUIT else graceful)
+    install_test_hooks(server)
 
 
 def run_worker(

@@ -476,6 +476,12 @@ impl Connection {
         self.keep_alive
     }
 
+    /// Marks a fresh state as continuing a keep-alive connection that already answered a
+    /// request (a loop lent it to a connection that had rested between requests).
+    pub fn continue_kept_alive(&mut self) {
+        self.reused = true;
+    }
+
     /// Moves on to the next request once the response is finished and the request body is
     /// fully received (use `drain_body` first if the app left some). False: close now.
     pub fn start_next_cycle(&mut self) -> bool {
