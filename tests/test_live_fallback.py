@@ -27,6 +27,7 @@ import trustme
 from fallback_app import BIG, READING_FLAG, app, digest
 from proc_util import ServerProcess, ring_fds
 from server_util import Reader, Response, ServerThread, get, wait_until
+from test_metrics import backends, scrape, value
 
 pytestmark = pytest.mark.needs_hotpath
 
@@ -448,3 +449,25 @@ def test_a_graceful_stop_asked_during_the_switch_completes_on_epoll(
     assert not st.errors, st.errors
     warnings = [r.getMessage() for r in server_errors if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "test: sick while stopping" in warnings[0], warnings
+
+
+def test_the_switch_shows_in_the_metrics() -> None:
+    st = ServerThread(app, "on", metrics_bind="127.0.0.1:0")
+    try:
+        assert wait_until(lambda: st.server._native is not None, TIMEOUT)
+        address = st.server.metrics_address
+        assert address is not None
+        assert value(scrape(address), "uringserve_fallback_engaged_total") == 0
+        assert backends(scrape(address)) == {"0": "io_uring"}
+        assert st.server.force_unhealthy("test: metrics")
+        assert wait_until(lambda: st.server.backend == "epoll", TIMEOUT)
+        sock = socket.create_connection(st.address, timeout=TIMEOUT)
+        resp, _ = read_one_after(sock, get("/after"))
+        assert resp.status == 200
+        sock.close()
+        samples = scrape(address)
+        assert value(samples, "uringserve_fallback_engaged_total") == 1
+        assert backends(samples) == {"0": "epoll"}
+    finally:
+        st.stop()
+    assert not st.errors, st.errors
