@@ -113,7 +113,7 @@ struct Core {
     fallback_engaged: u64,
     /// Set from any thread by `force_unhealthy`: the reason, and whether the ring may still
     /// be entered to cancel its operations.
-    forced: Arc<Mutex<Option<(String, bool)>>>,
+    forced: Forced,
     /// What the ring's loop hands over, once it gave the ring up; sessions that were
     /// running then finish their turn into it.
     handed: Option<HandoverData>,

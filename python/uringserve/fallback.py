@@ -232,8 +232,7 @@ def serve_epoll(
     def adopt_all(handover: Handover) -> bool:
         """Takes the handed-over connections in; True if the ring consumed a wake-up."""
         now = time.monotonic()
-        timeout = {"header": header_timeout, "keep_alive": keep_alive_timeout}
-        timeout["body"] = body_timeout
+        timeout = dict(header=header_timeout, keep_alive=keep_alive_timeout, body=body_timeout)
         # Deadlines are kept in the order they fall due, so they are taken in that order.
         order = sorted(handover.connections, key=lambda h: h.due_in or 0.0)
         adopted = []
