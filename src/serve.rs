@@ -75,6 +75,10 @@ struct ConnCap {
     /// How the listener accepts now; Paused until serving starts.
     mode: Accepting,
     pauses: u64,
+    /// Other workers accept on the same socket. The kernel wakes one waiting accept per
+    /// connection, always the first queued, so an accept that stays armed (multishot) would
+    /// take every connection; re-arming one at a time puts this worker back in line.
+    shared: bool,
 }
 
 /// Everything the loop and the app's body reads share. Its lock is never held while Python
@@ -466,6 +470,7 @@ impl Core {
         }
         let mode = match self.cap.max.saturating_sub(self.conns.len()) {
             0 => Accepting::Paused,
+            _ if self.cap.shared => Accepting::One,
             room if room <= ONE_AT_A_TIME_WITHIN => Accepting::One,
             _ => Accepting::Many,
         };
@@ -1005,7 +1010,7 @@ impl UringServer {
     #[pyo3(signature = (
         app, listener, wake, *, queue_depth = 1024, n_bufs = 512, buf_size = 8192,
         header_timeout = 10.0, keep_alive_timeout = 5.0, body_timeout = 30.0,
-        max_connections = 1000
+        max_connections = 1000, shared_listener = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -1019,6 +1024,7 @@ impl UringServer {
         keep_alive_timeout: f64,
         body_timeout: f64,
         max_connections: usize,
+        shared_listener: bool,
     ) -> PyResult<Self> {
         let listener = fd_of(listener)?;
         let wake = fd_of(wake)?;
@@ -1057,6 +1063,7 @@ impl UringServer {
                 max: max_connections,
                 mode: Accepting::Paused,
                 pauses: 0,
+                shared: shared_listener,
             },
             metrics: app
                 .get()

@@ -197,6 +197,36 @@ def test_reuse_port_gives_each_worker_its_own_socket(backend: str) -> None:
         server.close()
 
 
+def test_a_shared_socket_spreads_connections_over_the_workers(backend: str) -> None:
+    # With one listening socket for all workers, an always-armed multishot accept would take
+    # every connection in the first worker the kernel wakes (800 of 800 before this was fixed).
+    server = start(backend, "--workers", "2")
+    try:
+        pids = booted(server, 2)
+        assert worker_count(server, 2), server.log()
+        served: Counter[bytes] = Counter()
+        lock = threading.Lock()
+
+        def client() -> None:
+            for _ in range(25):
+                body = get_body(server.port)
+                with lock:
+                    served[body] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sum(served.values()) == 200, served
+        assert set(served) == {f"pid {p}".encode() for p in pids}, served
+        assert min(served.values()) >= 30, f"connections per worker: {dict(served)}"
+        server.send(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, server.log()
+    finally:
+        server.close()
+
+
 def test_a_worker_that_cannot_boot_stops_the_master() -> None:
     server = ServerProcess(
         ["--io-uring", "off", "--workers", "2"], app="no_such_module:app", expect_startup=False

@@ -261,6 +261,7 @@ class UringServer:
         keep_alive_timeout: float = 5.0,
         body_timeout: float = 30.0,
         max_connections: int = 1000,
+        shared_listener: bool = False,
     ) -> Self: ...
     def serve(
         self,

@@ -213,6 +213,9 @@ class Server:
 
     # True in the workers of a master with more than one (set by the worker).
     _multiprocess = False
+    # True in workers that accept on the master's socket, with their siblings (set by the
+    # worker): the io_uring loop then arms one accept at a time, so connections spread.
+    _shared_listener = False
 
     def _draining(self, app: Any) -> bool:
         """Asked by the serve loop after a wake-up, and once max_requests is reached."""
@@ -296,6 +299,7 @@ class Server:
                     n_bufs=c.n_bufs,
                     buf_size=c.buf_size,
                     **self._conn_limits(),
+                    shared_listener=self._shared_listener,
                 )
                 self._native = native
                 try:

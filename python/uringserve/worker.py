@@ -164,6 +164,7 @@ def _serve(
         master.socket.close()
     server._metrics_slot = metrics
     server._multiprocess = c.workers > 1
+    server._shared_listener = not c.reuse_port
     server._log_startup = False
     server._on_retire = lambda: _note(notes, RETIRING)
     install_stop_signals(server)
