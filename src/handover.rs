@@ -8,11 +8,14 @@ use pyo3::types::{PyBytes, PyList};
 
 use crate::deadline::Phase;
 use crate::session::Session;
+use crate::transport::SharedIo;
 use crate::uring::close_fd;
 
 /// A connection's state as the loops keep it: the session and which timeout it is under.
 pub struct ConnState {
     pub session: Arc<Mutex<Session>>,
+    /// The session's connection state, reachable without the session's lock.
+    pub io: SharedIo,
     pub phase: Phase,
 }
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 mod metrics_py;
 mod owner;
+mod pool;
 pub mod probe;
 mod probe_py;
 mod protocol;

@@ -34,7 +34,7 @@ impl PyWsgiApp {
     #[new]
     #[pyo3(signature = (
         app, server_name, server_port, *, url_scheme = None, access_log = true,
-        multiprocess = false, max_body_size = 1_073_741_824, max_request_line = 8192,
+        multiprocess = false, multithread = false, max_body_size = 1_073_741_824, max_request_line = 8192,
         max_header_bytes = 65536, max_headers = 100, tls = None, max_requests = 0,
         access_log_format = None, metrics = None
     ))]
@@ -47,6 +47,7 @@ impl PyWsgiApp {
         url_scheme: Option<&str>,
         access_log: bool,
         multiprocess: bool,
+        multithread: bool,
         max_body_size: u64,
         max_request_line: usize,
         max_header_bytes: usize,
@@ -71,6 +72,7 @@ impl PyWsgiApp {
             url_scheme,
             software: format!("uringserve/{}", env!("CARGO_PKG_VERSION")),
             multiprocess,
+            multithread,
         };
         let metrics = metrics.map(|m| m.slot.clone());
         let observer = Observer::new(py, access_log, access_log_format, metrics)?;
@@ -168,6 +170,9 @@ pub struct HttpProtocol {
     app: Py<PyWsgiApp>,
     transport: Arc<dyn Transport>,
     session: Arc<Mutex<Session>>,
+    /// The session's connection state, reachable without the session's lock, which an app
+    /// running on a pool thread holds for the whole request.
+    io: SharedIo,
     /// Which timeout the connection is under; the loop keeps the deadlines themselves.
     phase: Mutex<Phase>,
 }
@@ -232,7 +237,8 @@ impl HttpProtocol {
         Ok(HttpProtocol {
             app,
             transport,
-            session: Arc::new(Mutex::new(Session::new(io, peer))),
+            session: Arc::new(Mutex::new(Session::new(io.clone(), peer))),
+            io,
             phase: Mutex::new(Phase::opened().0),
         })
     }
@@ -249,6 +255,7 @@ impl HttpProtocol {
             app,
             transport: Arc::new(PyTransport { obj: transport }),
             session: state.session,
+            io: state.io,
             phase: Mutex::new(state.phase),
         })
     }
@@ -330,6 +337,6 @@ impl HttpProtocol {
 
     /// Graceful stop: the current request (if any) is the last one on this connection.
     fn refuse_keep_alive(&self) {
-        lock_io(&self.session().io).conn.refuse_keep_alive();
+        lock_io(&self.io).conn.refuse_keep_alive();
     }
 }

@@ -18,6 +18,7 @@ use crate::hotpath_py::stats_dict;
 use crate::http::Limits;
 use crate::metrics::RingPublisher;
 use crate::owner::Owner;
+use crate::pool::{AppThreads, Handback, Job};
 use crate::protocol::PyWsgiApp;
 use crate::pyargs::fd_of;
 use crate::session::{Session, OUT_HIGH_WATER};
@@ -37,6 +38,9 @@ const ONE_AT_A_TIME_WITHIN: usize = 64;
 const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// How long stopping waits for app calls still running on the pool (a graceful stop has
+/// already let them finish); the threads left running then are logged.
+const POOL_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// What a connection holds between its turns.
 enum State {
@@ -65,6 +69,25 @@ struct Conn {
     phase: Phase,
     /// Its deadline passed while input waited to be handled: the next turn decides.
     overdue: bool,
+    /// Whether its session is running on an app thread (one byte, so that an idle
+    /// connection's slot stays small).
+    on_pool: OnPool,
+}
+
+/// A connection's turn on the app threads: while it runs, the ring leaves the connection's
+/// session alone, so its requests stay in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnPool {
+    No,
+    Running,
+    /// Something happened while it ran: the connection takes another turn after this one.
+    RunAgain,
+}
+
+impl Conn {
+    fn busy(&self) -> bool {
+        self.on_pool != OnPool::No
+    }
 }
 
 /// The per-worker connection cap: at it the listener's accept is cancelled, so new peers
@@ -121,6 +144,13 @@ struct Core {
     /// What the ring's loop hands over, once it gave the ring up; sessions that were
     /// running then finish their turn into it.
     handed: Option<HandoverData>,
+    /// The app threads (`threads > 1`); without it sessions run inline on this thread.
+    app_threads: Option<Arc<AppThreads>>,
+    /// The pool's wake socket got a byte: turns or early sends were handed back.
+    pool_woken: bool,
+    /// A busy connection received something: body reads on the pool are told.
+    input_moved: bool,
+    handbacks: Vec<Handback>,
 }
 
 /// Set by `force_unhealthy`: the reason and whether the ring can still be entered.
@@ -231,6 +261,11 @@ impl Core {
             }
             !done
         });
+        if std::mem::take(&mut self.input_moved) {
+            if let Some(threads) = &self.app_threads {
+                threads.input_arrived();
+            }
+        }
         Ok(())
     }
 
@@ -252,6 +287,7 @@ impl Core {
             queued: false,
             phase,
             overdue: false,
+            on_pool: OnPool::No,
         };
         if self.tls.is_some() {
             // Under TLS the working state holds the TLS session, so it is the connection's
@@ -280,6 +316,12 @@ impl Core {
         let Some(conn) = self.conns.get_mut(done.fd) else {
             if done.fd == self.wake {
                 self.woken = true;
+            } else if self
+                .app_threads
+                .as_ref()
+                .is_some_and(|p| p.wake_fd() == done.fd)
+            {
+                self.pool_woken = true;
             }
             if let Some(bid) = done.buf_id {
                 self.hp.release_buffer(bid.into())?;
@@ -290,7 +332,10 @@ impl Core {
             (n, Some(bid)) if n > 0 => {
                 let data = self.hp.buffer(bid.into(), n as usize)?;
                 let w = conn.work(&mut self.pool, self.limits, done.fd);
-                let reply = tls::receive_wire(&mut lock_io(&w.io), data);
+                let mut io = lock_io(&w.io);
+                io.arrivals = io.arrivals.wrapping_add(1);
+                let reply = tls::receive_wire(&mut io, data);
+                drop(io);
                 self.hp.release_buffer(bid.into())?;
                 if !reply.is_empty() {
                     queue_send(&mut self.hp, done.fd, conn, reply)?;
@@ -298,11 +343,19 @@ impl Core {
             }
             (0, _) => {
                 let w = conn.work(&mut self.pool, self.limits, done.fd);
-                lock_io(&w.io).conn.receive_eof();
+                let mut io = lock_io(&w.io);
+                io.arrivals = io.arrivals.wrapping_add(1);
+                io.conn.receive_eof();
             }
-            (n, _) => conn.broken = Some(-n),
+            (n, _) => {
+                if let Some(w) = conn.working() {
+                    lock_io(&w.io).severed = Some(Some(-n));
+                }
+                conn.broken = Some(-n);
+            }
         }
         conn.received = conn.received.wrapping_add(1);
+        self.input_moved |= conn.busy();
         mark(&mut self.queue, done.fd, conn);
         Ok(())
     }
@@ -389,12 +442,18 @@ impl Core {
     /// Forgets the connection and cancels its ops; the fd closes after their final CQEs, so
     /// its number cannot be reused while the kernel still holds them.
     fn close(&mut self, fd: i32) -> RingResult<()> {
-        if let Some(Conn {
-            state: State::Working(w),
-            ..
-        }) = self.conns.remove(fd)
-        {
-            self.pool.recycle(w);
+        if let Some(conn) = self.conns.remove(fd) {
+            let busy = conn.busy();
+            if let State::Working(w) = conn.state {
+                if busy {
+                    // Its app may be waiting for body bytes on a pool thread: none will come.
+                    lock_io(&w.io).severed.get_or_insert(conn.broken);
+                    if let Some(threads) = &self.app_threads {
+                        threads.input_arrived();
+                    }
+                }
+                self.pool.recycle(w);
+            }
         }
         self.timers.stop(fd as u32);
         let ticket = self.hp.begin_cancel_fd(fd)?;
@@ -411,7 +470,7 @@ impl Core {
     fn wait(&mut self) -> RingResult<()> {
         self.deliver()?;
         self.expire()?;
-        if !self.queue.is_empty() || self.woken {
+        if !self.queue.is_empty() || self.woken || self.pool_woken {
             return Ok(());
         }
         self.hp.set_timer(self.timers.next_due())?;
@@ -432,7 +491,7 @@ impl Core {
         while let Some((fd, kind)) = self.timers.pop_expired(now) {
             let fd = fd as i32;
             match self.conns.get_mut(fd) {
-                Some(conn) if conn.queued => conn.overdue = true,
+                Some(conn) if conn.queued || conn.busy() => conn.overdue = true,
                 Some(_) => {
                     self.timed_out[kind.index()] += 1;
                     self.close(fd)?;
@@ -493,6 +552,10 @@ impl Core {
                 continue;
             };
             conn.queued = false;
+            if conn.busy() {
+                conn.on_pool = OnPool::RunAgain;
+                continue;
+            }
             let blocked = conn.unsent > SEND_HIGH_WATER;
             let buffered = conn.working().map_or(0, |w| lock_io(&w.io).conn.buffered());
             let flooding = blocked && buffered > INPUT_CAP_WHILE_BLOCKED;
@@ -515,6 +578,77 @@ impl Core {
         }
         self.queue = queue;
         self.queue.clear();
+        Ok(())
+    }
+
+    /// With a pool: the batch's turns go to it, each connection busy until its turn is back.
+    fn dispatch(&mut self, batch: &mut Vec<(i32, Arc<Mutex<Session>>)>) {
+        let Some(pool) = self.app_threads.clone() else {
+            return;
+        };
+        for (fd, _) in batch.iter() {
+            if let Some(conn) = self.conns.get_mut(*fd) {
+                conn.on_pool = OnPool::Running;
+            }
+        }
+        pool.submit(batch.drain(..).map(|(fd, session)| Job { fd, session }));
+    }
+
+    /// What the pool handed back, in order: early sends go out, finished turns are sent,
+    /// retimed, and take another turn if input came meanwhile.
+    fn take_handbacks(&mut self) -> RingResult<()> {
+        let Some(pool) = self.app_threads.clone() else {
+            return Ok(());
+        };
+        self.pool_woken = false;
+        let mut done = std::mem::take(&mut self.handbacks);
+        pool.take_done(&mut done);
+        let mut result = Ok(());
+        for back in done.drain(..) {
+            if result.is_err() {
+                continue;
+            }
+            result = match back {
+                Handback::Send { fd, io, bytes } => match self.conn_of(fd, &io) {
+                    // Sealed here, on the ring thread, so TLS records follow the send order.
+                    Some(_) => {
+                        let bytes = tls::sealed(&mut lock_io(&io), bytes);
+                        self.send(fd, bytes)
+                    }
+                    None => Ok(()),
+                },
+                Handback::Turn {
+                    fd,
+                    io,
+                    closing,
+                    awaiting,
+                } => self.turn_done(fd, io, closing, awaiting),
+            };
+        }
+        self.handbacks = done;
+        result
+    }
+
+    fn turn_done(
+        &mut self,
+        fd: i32,
+        io: SharedIo,
+        closing: bool,
+        awaiting: Awaiting,
+    ) -> RingResult<()> {
+        let ours = self.conn_of(fd, &io).is_some();
+        // Dropped first: a connection now at rest gives its state back only if unshared.
+        drop(io);
+        let Some(conn) = self.conns.get_mut(fd).filter(|_| ours) else {
+            return Ok(());
+        };
+        let requeue = conn.on_pool == OnPool::RunAgain;
+        conn.on_pool = OnPool::No;
+        self.finish_turn(fd, closing)?;
+        self.retime(fd, awaiting)?;
+        if let Some(conn) = self.conns.get_mut(fd).filter(|_| requeue) {
+            mark(&mut self.queue, fd, conn);
+        }
         Ok(())
     }
 
@@ -634,6 +768,18 @@ impl Core {
             let Some(mut conn) = self.conns.remove(fd) else {
                 continue;
             };
+            if conn.busy() {
+                // Its session runs on an app thread, which only this ring could serve: the
+                // connection closes, and a body read of its app fails at once.
+                if let State::Working(w) = &conn.state {
+                    lock_io(&w.io).severed.get_or_insert(conn.broken);
+                }
+                let _ = self.hp.take_unsent(fd);
+                self.timers.stop(fd as u32);
+                dropped += 1;
+                to_close.push(fd);
+                continue;
+            }
             // A resting connection gets its working state back: epoll keeps one per connection.
             let resting = conn.working().is_none();
             conn.work(&mut self.pool, self.limits, fd);
@@ -660,15 +806,19 @@ impl Core {
             }
             conns.push(HandedConn {
                 fd,
-                io: w.io,
+                io: w.io.clone(),
                 unsent,
                 timer,
                 overdue: conn.overdue,
                 state: ConnState {
+                    io: w.io,
                     session: w.session,
                     phase: conn.phase,
                 },
             });
+        }
+        if let Some(threads) = &self.app_threads {
+            threads.input_arrived();
         }
         self.hp.close_ring(confirmed);
         // The ring is gone, and with it every operation that held these fds.
@@ -790,7 +940,11 @@ impl Core {
                 None => c.phase.requests() != 0,
             };
             // A starved recv may have left bytes in the socket: not idle until they are read.
-            if between_requests && !c.queued && c.sends_in_flight == 0 && !self.hp.recv_starved(fd)
+            if between_requests
+                && !c.queued
+                && !c.busy()
+                && c.sends_in_flight == 0
+                && !self.hp.recv_starved(fd)
             {
                 idle.push(fd);
             }
@@ -805,7 +959,7 @@ impl Core {
     fn wait_draining(&mut self, deadline: Instant) -> RingResult<()> {
         self.deliver()?;
         self.expire()?;
-        if !self.queue.is_empty() || self.woken || Instant::now() >= deadline {
+        if !self.queue.is_empty() || self.woken || self.pool_woken || Instant::now() >= deadline {
             return Ok(());
         }
         let due = self.timers.next_due().map_or(deadline, |t| t.min(deadline));
@@ -912,9 +1066,29 @@ pub struct UringServer {
     /// Shared with the core, but never behind its lock: `force_unhealthy` may be called
     /// while the loop waits in the kernel holding that.
     forced: Forced,
+    /// App threads: 1 runs the app inline on the ring thread.
+    threads: usize,
 }
 
 impl UringServer {
+    /// Stops the app threads once the ring is done with; logs those still in an app call.
+    fn stop_app_threads(&self, py: Python<'_>) {
+        let Some(pool) = lock(&self.core).app_threads.clone() else {
+            return;
+        };
+        let running = py.detach(|| pool.stop(POOL_STOP_WAIT));
+        if running > 0 {
+            let msg =
+                format!("{running} app thread(s) still running a request at stop; left to finish");
+            let _ = self
+                .app
+                .get()
+                .app()
+                .error_log
+                .call_method1(py, "warning", (msg,));
+        }
+    }
+
     /// Marks the ring unhealthy if `force_unhealthy` asked for it; true when it is unhealthy.
     fn sick(&self) -> bool {
         lock(&self.core).sick()
@@ -942,11 +1116,14 @@ impl UringServer {
                     None => core.wait()?,
                     Some(at) => core.wait_draining(at)?,
                 }
+                core.take_handbacks()?;
                 core.take_batch(&mut batch)?;
                 if !batch.is_empty() {
                     core.gil_batches += 1;
                     core.batched_conns += batch.len() as u64;
                 }
+                // With a pool the batch runs there, and this loop goes back to the ring.
+                core.dispatch(&mut batch);
                 Ok(std::mem::take(&mut core.woken))
             });
             let woken = match waited {
@@ -1010,7 +1187,8 @@ impl UringServer {
     #[pyo3(signature = (
         app, listener, wake, *, queue_depth = 1024, n_bufs = 512, buf_size = 8192,
         header_timeout = 10.0, keep_alive_timeout = 5.0, body_timeout = 30.0,
-        max_connections = 1000, shared_listener = false
+        max_connections = 1000, shared_listener = false,
+        threads = 1
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -1025,6 +1203,7 @@ impl UringServer {
         body_timeout: f64,
         max_connections: usize,
         shared_listener: bool,
+        threads: usize,
     ) -> PyResult<Self> {
         let listener = fd_of(listener)?;
         let wake = fd_of(wake)?;
@@ -1038,6 +1217,18 @@ impl UringServer {
                 RingError::InvalidArgument("max_connections must be at least 1".into()).into(),
             );
         }
+        if threads == 0 {
+            return Err(RingError::InvalidArgument("threads must be at least 1".into()).into());
+        }
+        let app_threads = match threads {
+            1 => None,
+            _ => Some(
+                AppThreads::new(timeouts.body).map_err(|source| RingError::Setup {
+                    what: "the app thread pool's wake socket",
+                    source,
+                })?,
+            ),
+        };
         let hp = Hotpath::new(queue_depth, n_bufs, buf_size)?;
         let forced = Forced::default();
         let setup_flags = hp.uring.report.flags.clone();
@@ -1076,6 +1267,10 @@ impl UringServer {
             fallback_engaged: 0,
             forced: forced.clone(),
             handed: None,
+            app_threads,
+            pool_woken: false,
+            input_moved: false,
+            handbacks: Vec::new(),
         }));
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
             core: Arc::downgrade(&core),
@@ -1087,6 +1282,7 @@ impl UringServer {
             core,
             setup_flags,
             forced,
+            threads,
         })
     }
 
@@ -1128,6 +1324,14 @@ impl UringServer {
             let wake = core.wake;
             core.regulate_accepts()?;
             core.hp.submit_recv_multishot(wake)?;
+            if let Some(pool) = core.app_threads.clone() {
+                core.hp.submit_recv_multishot(pool.wake_fd())?;
+                pool.start(py, self.threads, &self.app)
+                    .map_err(|source| RingError::Setup {
+                        what: "starting the app threads",
+                        source,
+                    })?;
+            }
         }
         let served = self.run(py, stopping, &drain);
         if let Ok(Ended::Sick(deadline, woken)) = served {
@@ -1136,6 +1340,7 @@ impl UringServer {
                 core.hand_over_once();
                 core.handed.take().expect("just handed over")
             });
+            self.stop_app_threads(py);
             let mut connections = Vec::with_capacity(data.conns.len());
             for c in data.conns {
                 let handed = HandedOver::new(c.fd, c.unsent, c.timer, c.overdue, c.state);
@@ -1152,6 +1357,7 @@ impl UringServer {
             }));
         }
         let confirmed = py.detach(|| lock(&self.core).stop_serving());
+        self.stop_app_threads(py);
         served?;
         if !confirmed {
             return Err(RingError::Unhealthy(

@@ -21,6 +21,15 @@ pub struct ConnIo {
     /// The TLS session when the server speaks TLS: `conn` and `out` hold plaintext then, and
     /// the loops pass wire bytes through `crate::tls`.
     pub tls: Option<Box<TlsFilter>>,
+    /// Receives so far, counted by the io_uring loop: an app reading its body on a pool
+    /// thread waits for this to move.
+    pub arrivals: u32,
+    /// `arrivals` when the body decoder last ran out of input: the wait starts from there,
+    /// so bytes that arrive between that and the wait itself are not missed.
+    pub arrivals_seen: u32,
+    /// Set by the io_uring loop when the connection ended under an app running on a pool
+    /// thread: Some(errno) when it broke, None when the loop closed it.
+    pub severed: Option<Option<i32>>,
 }
 
 pub type SharedIo = Arc<Mutex<ConnIo>>;
@@ -33,6 +42,9 @@ impl ConnIo {
             flushed: 0,
             fd,
             tls: None,
+            arrivals: 0,
+            arrivals_seen: 0,
+            severed: None,
         }))
     }
 
@@ -49,6 +61,9 @@ impl ConnIo {
         self.flushed = 0;
         self.fd = fd;
         self.tls = None;
+        self.arrivals = 0;
+        self.arrivals_seen = 0;
+        self.severed = None;
     }
 
     /// Everything written so far, sent or not: response sizes are differences of this.

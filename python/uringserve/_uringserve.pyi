@@ -150,6 +150,7 @@ class WsgiApp:
         url_scheme: str | None = None,
         access_log: bool = True,
         multiprocess: bool = False,
+        multithread: bool = False,
         max_body_size: int = 1073741824,
         max_request_line: int = 8192,
         max_header_bytes: int = 65536,
@@ -262,6 +263,7 @@ class UringServer:
         body_timeout: float = 30.0,
         max_connections: int = 1000,
         shared_listener: bool = False,
+        threads: int = 1,
     ) -> Self: ...
     def serve(
         self,

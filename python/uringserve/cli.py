@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reuse-port", action="store_true", default=None, help="a SO_REUSEPORT socket per worker"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="app threads per worker, for blocking apps (default 1: the app runs inline)",
+    )
     p.add_argument("--max-requests", type=int, help="recycle a worker after N requests")
     p.add_argument("--max-requests-jitter", type=int, help="add 0..J to --max-requests per worker")
     p.add_argument(
@@ -97,6 +102,7 @@ def build_config(args: argparse.Namespace) -> Config:
         "keyfile": args.keyfile,
         "ca_certs": args.ca_certs,
         "workers": args.workers,
+        "threads": args.threads,
         "reuse_port": args.reuse_port,
         "max_requests": args.max_requests,
         "max_requests_jitter": args.max_requests_jitter,

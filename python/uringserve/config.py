@@ -52,6 +52,9 @@ class Config:
     ca_certs: str | None = None
     # Process model: 0 workers serves in this process; N >= 1 runs a master and N workers.
     workers: int = 0
+    # App threads per worker (or per server without workers): 1 runs the app inline on the
+    # loop's thread; N > 1 runs it on a pool of N, the loop doing only the I/O.
+    threads: int = 1
     reuse_port: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
@@ -76,6 +79,8 @@ class Config:
             raise ValueError("TLS needs both certfile and keyfile")
         if self.ca_certs is not None and self.certfile is None:
             raise ValueError("ca_certs (client certificates) needs certfile and keyfile")
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads}")
         for name in ("workers", "max_requests", "max_requests_jitter", "graceful_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")

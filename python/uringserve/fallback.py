@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import select
 import selectors
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ._uringserve import HttpProtocol, MetricsSlot, WsgiApp
@@ -20,6 +25,10 @@ READ_SIZE = 64 * 1024
 # Stop reading from a peer while this much response data waits to be sent to it.
 HIGH_WATER = 1 << 20
 ACCEPT_BATCH = 64
+# How long stopping waits for app calls still running on the pool.
+POOL_STOP_WAIT = 2.0
+
+error_log = logging.getLogger("uringserve.error")
 
 
 def _send_some(sock: socket.socket, out: bytearray) -> None:
@@ -65,7 +74,7 @@ class _Transport:
 
 
 class _Conn:
-    __slots__ = ("out", "overdue", "proto", "sock")
+    __slots__ = ("busy", "out", "overdue", "proto", "sock")
 
     def __init__(
         self,
@@ -86,6 +95,61 @@ class _Conn:
             self.proto = HttpProtocol.adopt(app, handed, transport)
         # Its deadline passed while its input waited to be handled: the next turn decides.
         self.overdue = handed.overdue if handed is not None else False
+        # Its turn runs on the pool: the loop leaves it (and its socket) alone until then.
+        self.busy = False
+
+
+class _Pool:
+    """App threads for the epoll loop: a connection's turn (feed, feed_eof or resume) runs
+    on one, which owns the connection's socket meanwhile; the output comes back to the loop
+    through a wake socket the selector watches."""
+
+    def __init__(self, threads: int) -> None:
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.jobs: queue.SimpleQueue[tuple[_Conn, Callable[[], bytes]] | None] = queue.SimpleQueue()
+        self.done: deque[tuple[_Conn, bytes]] = deque()
+        # Daemon threads: an app call stuck past the stop must not keep the process alive.
+        self.threads = [
+            threading.Thread(target=self._work, name=f"uringserve-app-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            conn, turn = job
+            try:
+                out = turn()
+            except Exception:  # the session answers app errors itself; this is a bug
+                error_log.exception("connection turn failed on an app thread")
+                conn.proto.refuse_keep_alive()
+                out = b""
+            self.done.append((conn, out))
+            try:
+                self.wake_w.send(b"x")
+            except OSError:
+                pass  # full: a wake-up is already pending; closed: the loop is gone
+
+    def submit(self, conn: _Conn, turn: Callable[[], bytes]) -> None:
+        conn.busy = True
+        self.jobs.put((conn, turn))
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+        deadline = time.monotonic() + POOL_STOP_WAIT
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        running = sum(t.is_alive() for t in self.threads)
+        if running:
+            error_log.warning(
+                "%d app thread(s) still running a request at stop; left to finish", running
+            )
+        self.wake_r.close()
+        self.wake_w.close()
 
 
 def _idle(conn: _Conn) -> bool:
@@ -112,6 +176,7 @@ def serve_epoll(
     keep_alive_timeout: float = 5.0,
     body_timeout: float = 30.0,
     max_connections: int = 1000,
+    threads: int = 1,
     draining: Callable[[], bool] | None = None,
     max_requests: int = 0,
     graceful_timeout: float = 30.0,
@@ -130,6 +195,9 @@ def serve_epoll(
 
     `adopt` is what a sick io_uring loop handed over: its open connections carry on here
     with their sessions, unsent output and deadlines (and a graceful stop in progress too).
+
+    With `threads` > 1 the app runs on a pool of that many threads, one request of a
+    connection at a time; with 1, inline on this thread.
     """
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -138,6 +206,9 @@ def serve_epoll(
     conns: dict[int, _Conn] = {}
     timers = Deadlines(header_timeout, keep_alive_timeout, body_timeout)
     accepting = True
+    pool = _Pool(threads) if threads > 1 else None
+    if pool is not None:
+        sel.register(pool.wake_r, selectors.EVENT_READ, None)
 
     def regulate_accepts() -> None:
         """Stops polling the listener at the connection cap, and resumes below it."""
@@ -152,8 +223,15 @@ def serve_epoll(
         accepting = not full
 
     def close(conn: _Conn) -> None:
-        sel.unregister(conn.sock)
         del conns[conn.sock.fileno()]
+        if conn.busy:
+            # Its app may be blocked reading the body on the pool: wake it to a closed peer.
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        else:
+            sel.unregister(conn.sock)
         conn.sock.close()
         timers.stop(conn)
         regulate_accepts()
@@ -181,7 +259,7 @@ def serve_epoll(
             return
         ready = {key.data for key, _ in events}
         for conn, _kind in list(timers.pop_expired(now)):
-            if conn in ready:
+            if conn in ready or conn.busy:
                 conn.overdue = True
             elif conn.sock.fileno() in conns:
                 close(conn)
@@ -203,15 +281,36 @@ def serve_epoll(
             return False
         return True
 
+    def run(conn: _Conn, turn: Callable[[], bytes]) -> bool:
+        """Runs a turn of the connection: inline, or on the pool (then False: the loop
+        leaves the connection alone until the turn comes back)."""
+        if pool is None:
+            conn.out += turn()
+            return True
+        sel.unregister(conn.sock)
+        pool.submit(conn, turn)
+        return False
+
     def pump(conn: _Conn) -> bool:
         """Sends what is queued; while the peer keeps up, answers requests that were held back
-        for it. False if the connection closed."""
+        for it. False if the connection closed or went to the pool."""
         while True:
             if conn.out and not flush(conn):
                 return False
             if conn.out or not conn.proto.held_back:
                 return True
-            conn.out += conn.proto.resume()
+            if not run(conn, conn.proto.resume):
+                return False
+
+    def returned(conn: _Conn, out: bytes) -> None:
+        """A turn came back from the pool: the loop takes the connection over again."""
+        conn.busy = False
+        if conns.get(conn.sock.fileno()) is not conn:
+            return  # closed meanwhile (a hard stop, or the graceful deadline)
+        conn.out += out
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+        if pump(conn) and retime(conn, True):
+            update(conn)
 
     def should_drain(woken: bool) -> bool:
         at_max = max_requests > 0 and app.requests >= max_requests
@@ -221,8 +320,12 @@ def serve_epoll(
 
     def drain_pass() -> bool:
         """Closes the connections holding no request; True once none is left."""
-        for conn in list(conns.values()):
+        # Every connection is told first: an app running on the pool may answer any moment.
+        for conn in conns.values():
             conn.proto.refuse_keep_alive()
+        for conn in list(conns.values()):
+            if conn.busy:
+                continue
             if _idle(conn):
                 close(conn)
             elif pump(conn):
@@ -248,7 +351,8 @@ def serve_epoll(
             adopted.append(conn)
         # Bytes that arrived before the hand-over may complete requests: answer them now.
         for conn in adopted:
-            conn.out += conn.proto.advance()
+            if not run(conn, conn.proto.advance):
+                continue
             if pump(conn) and retime(conn, True):
                 update(conn)
         regulate_accepts()
@@ -279,6 +383,11 @@ def serve_epoll(
                     wake.recv(64)
                     woken = True
                     continue
+                if pool is not None and key.fileobj is pool.wake_r:
+                    pool.wake_r.recv(4096)
+                    while pool.done:
+                        returned(*pool.done.popleft())
+                    continue
                 if key.fileobj is listener:
                     for _ in range(ACCEPT_BATCH):
                         try:
@@ -299,8 +408,8 @@ def serve_epoll(
                             break
                     continue
                 conn = key.data
-                if conn.sock.fileno() not in conns:
-                    continue  # closed by expire() above
+                if conn.sock.fileno() not in conns or conn.busy:
+                    continue  # closed by expire() above, or went to the pool just now
                 turned = conn.proto.held_back
                 if mask & selectors.EVENT_READ:
                     try:
@@ -310,9 +419,12 @@ def serve_epoll(
                     except OSError:
                         close(conn)
                         continue
-                    if data is not None:
+                    if data is not None and pool is None:
                         conn.out += conn.proto.feed(data) if data else conn.proto.feed_eof()
                         turned = True
+                    elif data is not None:
+                        run(conn, partial(conn.proto.feed, data) if data else conn.proto.feed_eof)
+                        continue
                 if pump(conn) and retime(conn, turned):
                     update(conn)
             if deadline is None and should_drain(woken):
@@ -325,3 +437,5 @@ def serve_epoll(
         for conn in list(conns.values()):
             close(conn)
         sel.close()
+        if pool is not None:
+            pool.stop()

@@ -191,6 +191,7 @@ class Server:
             int(port),
             access_log=c.access_log,
             multiprocess=self._multiprocess,
+            multithread=c.threads > 1,
             max_body_size=c.max_body_size,
             max_request_line=c.max_request_line,
             max_header_bytes=c.max_header_bytes,
@@ -298,6 +299,7 @@ class Server:
                     queue_depth=c.queue_depth,
                     n_bufs=c.n_bufs,
                     buf_size=c.buf_size,
+                    threads=c.threads,
                     **self._conn_limits(),
                     shared_listener=self._shared_listener,
                 )
@@ -317,6 +319,7 @@ class Server:
                     app,
                     self._wake_r,
                     self._stop.is_set,
+                    threads=c.threads,
                     **self._conn_limits(),
                     **drain,
                     metrics=slot,
@@ -358,6 +361,7 @@ class Server:
             self._stop.is_set,
             **self._conn_limits(),
             **drain,
+            threads=self.config.threads,
             metrics=slot,
             adopt=handover,
         )

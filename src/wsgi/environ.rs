@@ -20,6 +20,8 @@ pub struct ServerInfo {
     pub url_scheme: &'static str,
     pub software: String,
     pub multiprocess: bool,
+    /// The app may run on several threads at once (a pool of more than one).
+    pub multithread: bool,
 }
 
 /// The environ dict every request starts from (copied, never shared with an app).
@@ -33,7 +35,7 @@ pub fn template<'py>(
     d.set_item("wsgi.version", PyTuple::new(py, [1, 0])?)?;
     d.set_item("wsgi.url_scheme", info.url_scheme)?;
     d.set_item("wsgi.errors", py.import("sys")?.getattr("stderr")?)?;
-    d.set_item("wsgi.multithread", false)?;
+    d.set_item("wsgi.multithread", info.multithread)?;
     d.set_item("wsgi.multiprocess", info.multiprocess)?;
     d.set_item("wsgi.run_once", false)?;
     d.set_item("wsgi.input_terminated", true)?;

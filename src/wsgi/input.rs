@@ -94,6 +94,7 @@ impl Body {
                 }
             }
         }
+        io.arrivals_seen = io.arrivals;
         // The client may be holding its body back until it hears 100 Continue.
         io.conn.send_continue(&mut io.out);
         Ok(Some(io.take_out()))

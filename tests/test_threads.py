@@ -1,0 +1,312 @@
+"""--threads on both backends: the app runs on a pool while the loop keeps doing the I/O;
+requests of one connection stay in order; body reads, timeouts, graceful stop and TLS work
+from pool threads; with one thread the app runs inline on the loop's thread."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from server_util import Reader, ServerThread, echo_app, get, request
+from test_tls import Pki, client_context, connect_tls, pki, tls_options
+
+__all__ = ["pki"]  # the TLS fixture, used below
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+BIG = 10 * 1024 * 1024
+# How long a test app waits for its peers or for the test: far past what the test needs,
+# so a failure shows as a broken barrier (or a timed-out wait), never as a hang.
+APP_WAIT = 10.0
+
+
+def post(length: int, path: str = "/", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
+
+
+def test_four_requests_on_four_connections_run_at_once(
+    serve: Callable[..., ServerThread],
+) -> None:
+    # Inline, the first app call would wait alone at the barrier until it broke.
+    barrier = threading.Barrier(4, timeout=APP_WAIT)
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            start_response("503 Service Unavailable", [])
+            return [b"alone at the barrier"]
+        start_response("200 OK", [])
+        return [b"met"]
+
+    st = serve(app, threads=4)
+    socks = [st.connect(timeout=APP_WAIT + 5) for _ in range(4)]
+    try:
+        for s in socks:
+            s.sendall(get())
+        for s in socks:
+            resp = Reader(s, APP_WAIT + 5).read_response()
+            assert (resp.status, resp.body) == (200, b"met")
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_app_thread_and_wsgi_multithread(serve: Callable[..., ServerThread], threads: int) -> None:
+    seen: list[tuple[int, bool, bool]] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        seen.append(
+            (threading.get_ident(), environ["wsgi.multithread"], environ["wsgi.multiprocess"])
+        )
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    st = serve(app, threads=threads)
+    with st.connect() as s:
+        for _ in range(3):
+            assert request(s, get())[0].status == 200
+    assert len(seen) == 3
+    for ident, multithread, multiprocess in seen:
+        assert multithread is (threads > 1)
+        assert multiprocess is False
+        # One thread: inline on the loop's own thread (the fast path); more: on the pool.
+        assert (ident == st.thread.ident) is (threads == 1)
+
+
+def test_a_blocked_app_does_not_stop_other_connections(
+    serve: Callable[..., ServerThread],
+) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        if environ["PATH_INFO"] == "/block":
+            entered.set()
+            released = release.wait(APP_WAIT)
+            start_response("200 OK", [])
+            return [b"released" if released else b"timed out"]
+        start_response("200 OK", [])
+        return [b"fast"]
+
+    st = serve(app, threads=2)
+    with st.connect(timeout=APP_WAIT + 5) as blocked, st.connect() as other:
+        blocked.sendall(get("/block"))
+        assert entered.wait(5), "the blocking request never reached the app"
+        # The loop still accepts, reads and answers while the first app call blocks.
+        for _ in range(3):
+            resp, _ = request(other, get("/fast"))
+            assert (resp.status, resp.body) == (200, b"fast")
+        assert not release.is_set()
+        release.set()
+        resp = Reader(blocked, APP_WAIT + 5).read_response()
+        assert resp.body == b"released"
+
+
+def test_10_mib_body_streamed_to_a_pool_thread(serve: Callable[..., ServerThread]) -> None:
+    idents: list[int] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        idents.append(threading.get_ident())
+        return echo_app(environ, start_response)
+
+    st = serve(app, threads=4)
+    body = os.urandom(BIG)
+    with st.connect(timeout=30) as s:
+        s.sendall(post(BIG) + body)
+        resp = Reader(s, 30).read_response()
+        assert resp.status == 200 and len(resp.body) == BIG and resp.body == body
+        # The same connection carries on, now with a body that waits for 100 Continue.
+        s.sendall(post(5, extra="Expect: 100-continue\r\n"))
+        reader = Reader(s)
+        assert reader.read_response().status == 100
+        s.sendall(b"after")
+        assert reader.read_response().body == b"after"
+    assert len(idents) == 2 and st.thread.ident not in idents
+
+
+def test_pipelined_requests_on_one_connection_stay_in_order(
+    serve: Callable[..., ServerThread],
+) -> None:
+    lock = threading.Lock()
+    running = 0
+    most = 0
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            body = environ["wsgi.input"].read()
+            start_response("200 OK", [])
+            return [environ["PATH_INFO"].encode(), b":", body]
+        finally:
+            with lock:
+                running -= 1
+
+    st = serve(app, threads=4)
+    n = 50
+    raw = b"".join(
+        post(len(f"b{i}"), f"/{i}") + f"b{i}".encode() if i % 2 else get(f"/{i}") for i in range(n)
+    )
+    with st.connect(timeout=10) as s:
+        s.sendall(raw)
+        reader = Reader(s, 10)
+        bodies = [reader.read_response().body for _ in range(n)]
+    expected = [f"/{i}:b{i}".encode() if i % 2 else f"/{i}:".encode() for i in range(n)]
+    assert bodies == expected
+    # One connection's requests ran one at a time, though four threads were there.
+    assert most == 1
+
+
+def test_graceful_stop_waits_for_a_request_running_on_the_pool(backend: str) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        if environ["PATH_INFO"] == "/block":
+            entered.set()
+            release.wait(APP_WAIT)
+        start_response("200 OK", [])
+        return [b"finished"]
+
+    st = ServerThread(app, backend, threads=2)
+    try:
+        idle = st.connect()
+        assert request(idle, get())[0].status == 200  # keep-alive, now between requests
+        busy = st.connect(timeout=APP_WAIT + 5)
+        busy.sendall(get("/block"))
+        assert entered.wait(5)
+        st.server.shutdown(wait=False, graceful=True)
+        # The drain has run (it closed the connection that held no request)...
+        assert Reader(idle).at_eof(timeout=5), "the idle connection was not closed"
+        # ...and still waits for the app call on the pool.
+        assert st.thread.is_alive(), "the server stopped with a request running"
+        release.set()
+        resp = Reader(busy, APP_WAIT + 5).read_response()
+        assert (resp.status, resp.body) == (200, b"finished")
+        assert resp.header("Connection") == "close"
+        st.thread.join(10)
+        assert not st.thread.is_alive(), "serve_forever() did not return once drained"
+        assert not st.errors, st.errors
+        assert st.server.requests == 2
+        busy.close()
+        idle.close()
+    finally:
+        release.set()
+        st.stop()
+
+
+def test_hard_stop_with_an_app_blocked_on_the_pool(backend: str) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        entered.set()
+        release.wait(APP_WAIT)
+        start_response("200 OK", [])
+        return [b"late"]
+
+    st = ServerThread(app, backend, threads=2)
+    try:
+        with st.connect() as s:
+            s.sendall(get())
+            assert entered.wait(5)
+            # Stops within the pool's bounded wait, though the app call has not returned.
+            st.stop(timeout=8)
+            assert Reader(s).at_eof(timeout=5)
+    finally:
+        release.set()
+
+
+def test_stalled_body_times_out_on_a_pool_thread(serve: Callable[..., ServerThread]) -> None:
+    seen: list[tuple[BaseException, int]] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        try:
+            environ["wsgi.input"].read()
+        except Exception as exc:
+            seen.append((exc, threading.get_ident()))
+            raise
+        start_response("200 OK", [])
+        return [b"read it all"]
+
+    st = serve(app, threads=2, body_timeout=0.5)
+    with st.connect() as s:
+        s.sendall(post(100) + b"x" * 10)
+        resp = Reader(s).read_response()
+        assert resp.status == 500
+        assert Reader(s).at_eof(timeout=5)
+    assert len(seen) == 1 and isinstance(seen[0][0], TimeoutError), seen
+    assert seen[0][1] != st.thread.ident
+
+
+def test_peer_gone_while_the_app_reads_on_a_pool_thread(
+    serve: Callable[..., ServerThread],
+) -> None:
+    failed = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        try:
+            environ["wsgi.input"].read()
+        except OSError:
+            failed.set()
+            raise
+        start_response("200 OK", [])
+        return [b"unexpected"]
+
+    st = serve(app, threads=2, body_timeout=30)
+    with st.connect() as s:
+        s.sendall(post(1000) + b"x" * 10)
+        s.shutdown(socket.SHUT_WR)
+        # Answered (the body is incomplete) and closed.
+        Reader(s).read_to_eof(time.monotonic() + 10)
+    # Told at once that the body will not come, not after the 30 s body timeout.
+    assert failed.wait(5)
+
+
+def test_tls_with_threads(serve: Callable[..., ServerThread], pki: Pki) -> None:
+    barrier = threading.Barrier(2, timeout=APP_WAIT)
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        digest = hashlib.sha256(environ["wsgi.input"].read()).hexdigest()
+        if environ["PATH_INFO"] == "/meet":
+            barrier.wait()
+        start_response("200 OK", [])
+        return [environ["wsgi.url_scheme"].encode(), b" ", digest.encode()]
+
+    st = serve(app, threads=2, **tls_options(pki))
+    body = os.urandom(BIG)
+    url = f"https://localhost:{st.address[1]}"
+    resp = requests.post(url + "/", data=body, verify=pki.ca_file, timeout=60)
+    assert resp.content == b"https " + hashlib.sha256(body).hexdigest().encode()
+    # Two TLS connections' apps at once; one with 100 Continue sent from its pool thread.
+    with connect_tls(st, client_context(pki)) as a, connect_tls(st, client_context(pki)) as b:
+        a.sendall(post(0, "/meet"))
+        b.sendall(post(5, "/meet", "Expect: 100-continue\r\n"))
+        rb = Reader(b, APP_WAIT + 5)
+        assert rb.read_response().status == 100
+        b.sendall(b"hello")
+        assert rb.read_response().body == b"https " + hashlib.sha256(b"hello").hexdigest().encode()
+        assert Reader(a, APP_WAIT + 5).read_response().status == 200
+
+
+def test_threads_option_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uringserve
+    from uringserve.cli import _parser, build_config
+
+    monkeypatch.setenv("URINGSERVE_THREADS", "6")
+    assert build_config(_parser().parse_args([])).threads == 6
+    assert build_config(_parser().parse_args(["--threads", "3"])).threads == 3
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        uringserve.Server(echo_app, port=0, threads=0)
