@@ -10,12 +10,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import pytest
 import requests
 
-from server_util import Reader, ServerThread, echo_app, get, request
+import test_request_body
+import test_server_http
+import test_timeouts
+from server_util import Reader, ServerThread, echo_app, get, hello_app, request
 from test_tls import Pki, client_context, connect_tls, pki, tls_options
 
 __all__ = ["pki"]  # the TLS fixture, used below
@@ -310,3 +314,71 @@ def test_threads_option_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> Non
     assert build_config(_parser().parse_args(["--threads", "3"])).threads == 3
     with pytest.raises(ValueError, match="threads must be at least 1"):
         uringserve.Server(echo_app, port=0, threads=0)
+
+
+# Behaviour tests of the server without threads, run again with a pool of four.
+KEPT = {
+    test_request_body: [
+        "test_app_starts_before_the_body_has_arrived",
+        "test_10_mib_chunked_post_streams_through_read_n",
+        "test_readline_and_iteration_stream_lines",
+        "test_100_continue_is_sent_when_the_app_reads_the_body",
+        "test_100_continue_follows_earlier_pipelined_responses",
+        "test_bad_chunk_size_reaches_the_app_and_the_client_gets_400",
+        "test_client_gone_mid_body_raises_client_disconnected",
+        "test_unread_small_body_is_drained_for_the_next_request",
+        "test_stream_kept_past_its_response_reads_nothing_of_the_next_request",
+        "test_pipelined_requests_held_back_by_unread_responses_all_get_answered",
+        "test_a_client_that_does_not_read_stops_getting_its_requests_answered",
+    ],
+    test_server_http: [
+        "test_pipelining_64",
+        "test_concurrent_clients",
+        "test_app_exception_500_then_serves",
+        "test_bad_request_isolated",
+        "test_connection_reset_mid_request",
+        "test_keep_alive_requests_reuse_their_peer_strings",
+    ],
+    test_timeouts: [
+        "test_header_timeout_runs_from_accept_for_a_silent_connection",
+        "test_header_timeout_runs_from_the_first_byte_after_an_idle_spell",
+        "test_idle_keep_alive_connection_is_closed_after_its_timeout",
+        "test_stalled_unread_body_closes_the_connection",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [(module, name) for module, names in KEPT.items() for name in names],
+    ids=[f"{module.__name__}.{name}" for module, names in KEPT.items() for name in names],
+)
+def test_behaviour_kept_with_threads(
+    serve: Callable[..., ServerThread], module: ModuleType, name: str
+) -> None:
+    def threaded(app: Callable[..., Any], **options: Any) -> ServerThread:
+        return serve(app, **{"threads": 4, **options})
+
+    getattr(module, name)(threaded)
+
+
+@pytest.mark.needs_hotpath
+def test_connections_between_requests_give_back_their_working_state() -> None:
+    """With app threads too, a connection at rest holds no working state (io_uring)."""
+    st = ServerThread(hello_app, "on", threads=4)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            s = st.connect()
+            socks.append(s)
+            assert request(s, get())[0].status == 200
+        for s in socks:
+            assert request(s, get("/again"))[0].status == 200
+    finally:
+        st.stop()
+        for s in socks:
+            s.close()
+    stats = st.server.ring_stats
+    assert stats is not None and stats["requests"] == 200
+    # One request at a time: the turns reuse a few states, not one per connection.
+    assert stats["working_states"] <= 4, stats
