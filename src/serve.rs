@@ -1326,11 +1326,15 @@ impl UringServer {
             core.hp.submit_recv_multishot(wake)?;
             if let Some(pool) = core.app_threads.clone() {
                 core.hp.submit_recv_multishot(pool.wake_fd())?;
-                pool.start(py, self.threads, &self.app)
-                    .map_err(|source| RingError::Setup {
+                if let Err(source) = pool.start(py, self.threads, &self.app) {
+                    // Those that did start exit at once: no job can reach them.
+                    pool.stop(Duration::ZERO);
+                    return Err(RingError::Setup {
                         what: "starting the app threads",
                         source,
-                    })?;
+                    }
+                    .into());
+                }
             }
         }
         let served = self.run(py, stopping, &drain);
