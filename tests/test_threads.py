@@ -19,7 +19,7 @@ import requests
 import test_request_body
 import test_server_http
 import test_timeouts
-from server_util import Reader, ServerThread, echo_app, get, hello_app, request
+from server_util import Reader, ServerThread, echo_app, get, hello_app, request, wait_until
 from test_tls import Pki, client_context, connect_tls, pki, tls_options
 
 __all__ = ["pki"]  # the TLS fixture, used below
@@ -382,3 +382,47 @@ def test_connections_between_requests_give_back_their_working_state() -> None:
     assert stats is not None and stats["requests"] == 200
     # One request at a time: the turns reuse a few states, not one per connection.
     assert stats["working_states"] <= 4, stats
+
+
+@pytest.mark.needs_hotpath
+def test_a_sick_ring_moves_to_epoll_with_its_app_threads() -> None:
+    """A ring turned unhealthy hands its resting connections to epoll, which keeps the pool;
+    one whose app call was running on an app thread at the switch is closed (the app's
+    body read fails at once rather than waiting for a ring that is gone)."""
+    entered = threading.Event()
+    failed = threading.Event()
+    idents: list[int] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        idents.append(threading.get_ident())
+        if environ["PATH_INFO"] == "/read":
+            entered.set()
+            try:
+                environ["wsgi.input"].read()
+            except OSError:
+                failed.set()
+                raise
+        start_response("200 OK", [])
+        return [b"threads" if environ["wsgi.multithread"] else b"inline"]
+
+    st = ServerThread(app, "on", threads=3, body_timeout=30)
+    try:
+        resting = st.connect()
+        assert request(resting, get())[0].body == b"threads"
+        reading = st.connect()
+        reading.sendall(post(1000, "/read") + b"x")
+        assert entered.wait(5)
+        assert st.server.force_unhealthy("test: sick with app threads")
+        assert wait_until(lambda: st.server.backend == "epoll", 5)
+        assert failed.wait(5), "the body read waited for a ring that is gone"
+        Reader(reading).read_to_eof(time.monotonic() + 5)
+        # The resting connection and new ones are served on epoll, still on app threads.
+        assert request(resting, get())[0].body == b"threads"
+        with st.connect() as s:
+            assert request(s, get())[0].body == b"threads"
+        resting.close()
+        reading.close()
+    finally:
+        st.stop()
+    assert not st.errors, st.errors
+    assert st.thread.ident not in idents
