@@ -51,11 +51,12 @@ test-python: develop ## pytest over the native core and the policy layer
 
 test: develop test-rust test-python ## build, cargo test, pytest
 
-lint: develop ## rustfmt, clippy -D warnings, ruff, stubtest
+lint: develop ## rustfmt, clippy -D warnings, ruff, mypy, stubtest
 	cargo fmt --check
 	$(CARGO_ENV) cargo clippy --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
+	$(PY) -m mypy python/uringserve
 	$(PY) -m mypy.stubtest uringserve._uringserve
 
 # The script installs its own tools (apt-get: wrk, perf, strace, gcc, liburing-dev, libev-dev),

@@ -204,7 +204,7 @@ def serve_epoll(
     sel.register(listener, selectors.EVENT_READ, None)
     sel.register(wake, selectors.EVENT_READ, None)
     conns: dict[int, _Conn] = {}
-    timers = Deadlines(header_timeout, keep_alive_timeout, body_timeout)
+    timers: Deadlines[_Conn] = Deadlines(header_timeout, keep_alive_timeout, body_timeout)
     accepting = True
     pool = _Pool(threads) if threads > 1 else None
     if pool is not None:

@@ -10,42 +10,45 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 KINDS = ("header", "keep_alive", "body")
 
 
-class Deadlines:
+class Deadlines(Generic[K]):
     """Timed connections of one loop, keyed by any hashable (the loop uses its conn objects)."""
 
     __slots__ = ("_kind_of", "_lists", "_timeout")
 
     def __init__(self, header: float, keep_alive: float, body: float) -> None:
         self._timeout = {"header": header, "keep_alive": keep_alive, "body": body}
-        self._lists: dict[str, OrderedDict[Hashable, float]] = {k: OrderedDict() for k in KINDS}
-        self._kind_of: dict[Hashable, str] = {}
+        self._lists: dict[str, OrderedDict[K, float]] = {k: OrderedDict() for k in KINDS}
+        self._kind_of: dict[K, str] = {}
 
     def __len__(self) -> int:
         return len(self._kind_of)
 
-    def start(self, key: Hashable, kind: str, now: float) -> None:
+    def start(self, key: K, kind: str, now: float) -> None:
         """(Re)starts `key`'s deadline: `kind`'s timeout from `now`."""
         self.stop(key)
         self._lists[kind][key] = now + self._timeout[kind]
         self._kind_of[key] = kind
 
-    def stop(self, key: Hashable) -> None:
+    def stop(self, key: K) -> None:
         kind = self._kind_of.pop(key, None)
         if kind is not None:
             del self._lists[kind][key]
 
-    def apply(self, key: Hashable, timer: str, now: float) -> None:
+    def apply(self, key: K, timer: str, now: float) -> None:
         """Follows HttpProtocol.timer()/flushed(): "keep", "stop", or a kind to start."""
         if timer == "stop":
             self.stop(key)
         elif timer != "keep":
             self.start(key, timer, now)
 
-    def kind_of(self, key: Hashable) -> str | None:
+    def kind_of(self, key: K) -> str | None:
         return self._kind_of.get(key)
 
     def next_due(self) -> float | None:
@@ -53,7 +56,7 @@ class Deadlines:
         heads = [next(iter(d.values())) for d in self._lists.values() if d]
         return min(heads) if heads else None
 
-    def pop_expired(self, now: float) -> Iterator[tuple[Hashable, str]]:
+    def pop_expired(self, now: float) -> Iterator[tuple[K, str]]:
         """Removes and yields every deadline that has passed at `now`."""
         for kind, pending in self._lists.items():
             while pending:

@@ -94,7 +94,7 @@ def run_worker(
     number: int,
     master_pid: int,
     notes: int,
-    mask: set[signal.Signals],
+    mask: set[int | signal.Signals],
     metrics: MetricsSlot | None = None,
 ) -> NoReturn:
     """The body of a forked worker, which starts with the master's signals blocked (`mask`
@@ -117,7 +117,7 @@ def _serve(
     number: int,
     master_pid: int,
     notes: int,
-    mask: set[signal.Signals],
+    mask: set[int | signal.Signals],
     metrics: MetricsSlot | None,
 ) -> int:
     from .server import Server
@@ -168,8 +168,8 @@ def _serve(
     server._log_startup = False
     server._on_retire = lambda: _note(notes, RETIRING)
     install_stop_signals(server)
-    for sig in early:
-        signal.raise_signal(sig)
+    for signum in early:
+        signal.raise_signal(signum)
     error_log.info("worker %d (pid %d) booted on %s", number, os.getpid(), server.backend)
     _note(notes, BOOTED)
     with server:
