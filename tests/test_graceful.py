@@ -205,10 +205,8 @@ def test_sigterm_answers_every_request_sent_on_accepted_connections(
         server.close()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_sigquit_stops_at_once(backend: str, workers: int, tmp_path: Path) -> None:
-    """A request that would take 30 s is in the app; SIGQUIT does not wait for it."""
-    log = tmp_path / "taken"
+def _hanging_request(backend: str, workers: int, log: Path) -> tuple[ServerProcess, socket.socket]:
+    """A server (with `workers`, or in one process) whose app is 30 s into a request."""
     args = ["--io-uring", backend, "--graceful-timeout", "60"]
     if workers:
         args += ["--workers", str(workers)]
@@ -217,6 +215,18 @@ def test_sigquit_stops_at_once(backend: str, workers: int, tmp_path: Path) -> No
     try:
         hanging.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\nX-Id: 1\r\n\r\n")
         assert wait_until(lambda: taken_ids(log) == [1], timeout=20), server.log()
+    except BaseException:
+        hanging.close()
+        server.close()
+        raise
+    return server, hanging
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigquit_stops_at_once(backend: str, workers: int, tmp_path: Path) -> None:
+    """A request that would take 30 s is in the app; SIGQUIT does not wait for it."""
+    server, hanging = _hanging_request(backend, workers, tmp_path / "taken")
+    try:
         started = time.monotonic()
         server.send(signal.SIGQUIT)
         code = server.wait(timeout=20)
@@ -231,15 +241,8 @@ def test_sigquit_stops_at_once(backend: str, workers: int, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_sigquit_cuts_a_graceful_stop_short(backend: str, workers: int, tmp_path: Path) -> None:
-    log = tmp_path / "taken"
-    args = ["--io-uring", backend, "--graceful-timeout", "60"]
-    if workers:
-        args += ["--workers", str(workers)]
-    server = ServerProcess(args, env={"LIFECYCLE_LOG": str(log)})
-    hanging = socket.create_connection(("127.0.0.1", server.port), timeout=40)
+    server, hanging = _hanging_request(backend, workers, tmp_path / "taken")
     try:
-        hanging.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: x\r\nX-Id: 1\r\n\r\n")
-        assert wait_until(lambda: taken_ids(log) == [1], timeout=20), server.log()
         server.send(signal.SIGTERM)
         if workers:
             server.wait_for(r"stopping gracefully")
