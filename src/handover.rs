@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use crate::deadline::Phase;
+use crate::pool::AppThreads;
 use crate::session::Session;
 use crate::transport::SharedIo;
 use crate::uring::close_fd;
@@ -17,6 +18,9 @@ pub struct ConnState {
     /// The session's connection state, reachable without the session's lock.
     pub io: SharedIo,
     pub phase: Phase,
+    /// The app threads on which the session's turn was running when the ring was given up:
+    /// the adopting loop waits for that turn before the session's next one.
+    pub turn: Option<Arc<AppThreads>>,
 }
 
 /// One open connection handed over; `HttpProtocol.adopt` takes its state. Until then it owns

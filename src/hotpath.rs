@@ -118,6 +118,8 @@ struct FdState {
     recv_slot: Option<u32>,
     /// The recv ended with ENOBUFS and waits for buffers to come back.
     recv_starved: bool,
+    /// The caller stopped receiving on this fd (`pause_recv`): its recv is not re-armed.
+    recv_paused: bool,
     /// How this listener accepts; Many unless a connection cap says otherwise.
     accept_mode: Accepting,
     send_slot: Option<u32>,
@@ -289,6 +291,7 @@ impl Hotpath {
                 accept_slot: None,
                 recv_slot: None,
                 recv_starved: false,
+                recv_paused: false,
                 accept_mode: Accepting::Many,
                 send_slot: None,
                 send_queue: None,
@@ -490,6 +493,56 @@ impl Hotpath {
         self.fds.get(fd).is_some_and(|s| s.recv_starved)
     }
 
+    /// Stops receiving on `fd` until `resume_recv`: its multishot recv is cancelled (what the
+    /// kernel already received still completes) and not re-armed, so further bytes wait in
+    /// the socket. A recv that already ended (EOF, an error) is left as it is.
+    pub fn pause_recv(&mut self, fd: i32) -> RingResult<()> {
+        if self.unhealthy.is_some() {
+            // Being given up (or gone): nothing is re-armed anyway.
+            return Ok(());
+        }
+        let Some(state) = self.fds.get_mut(fd) else {
+            return Ok(());
+        };
+        if state.recv_paused || (state.recv_slot.is_none() && !state.recv_starved) {
+            return Ok(());
+        }
+        state.recv_paused = true;
+        let Some(slot) = state.recv_slot else {
+            // Starved: `rearm_starved` passes it over while paused.
+            return Ok(());
+        };
+        let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
+        self.pushed(res)?;
+        // Submitted at once: the recv's slot must not be reaped and reused by another op
+        // before the kernel sees the cancel, which would then hit that op.
+        if let Err(e) = self.uring.submit() {
+            self.enter_failed(e)?;
+        }
+        Ok(())
+    }
+
+    /// Receives on `fd` again after `pause_recv`.
+    pub fn resume_recv(&mut self, fd: i32) -> RingResult<()> {
+        let Some(state) = self.fds.get_mut(fd) else {
+            return Ok(());
+        };
+        if !std::mem::take(&mut state.recv_paused) {
+            return Ok(());
+        }
+        if state.recv_slot.is_some() || self.unhealthy.is_some() {
+            // Its cancel has not completed yet: the final CQE re-arms it.
+            return Ok(());
+        }
+        self.counters.recv_rearms += 1;
+        self.arm_recv(fd)
+    }
+
+    /// Whether receiving on `fd` is paused (`pause_recv`).
+    pub fn recv_paused(&self, fd: i32) -> bool {
+        self.fds.get(fd).is_some_and(|s| s.recv_paused)
+    }
+
     /// Sets how listener `fd` accepts, arming an accept if none is armed and one is wanted.
     /// Paused, the armed accept is cancelled, so new peers wait in the kernel's backlog
     /// (connections the kernel accepted before the cancel took effect still complete). With
@@ -585,7 +638,7 @@ impl Hotpath {
             let waiting = self
                 .fds
                 .get(fd)
-                .is_some_and(|s| s.recv_starved && s.recv_slot.is_none());
+                .is_some_and(|s| s.recv_starved && s.recv_slot.is_none() && !s.recv_paused);
             if waiting && self.unhealthy.is_none() {
                 self.counters.recv_rearms += 1;
                 self.arm_recv(fd)?;
@@ -867,7 +920,10 @@ impl Hotpath {
         }
         if cqe.result > 0 {
             self.counters.recv_bytes += cqe.result as u64;
-            let rearm = !more && self.unhealthy.is_none();
+            let paused = self
+                .current(op.fd, op.generation)
+                .is_some_and(|s| s.recv_paused);
+            let rearm = !more && self.unhealthy.is_none() && !paused;
             self.ready.push_back(Completion {
                 op: OpKind::Recv,
                 fd: op.fd,
@@ -883,7 +939,19 @@ impl Hotpath {
             return Ok(());
         }
         if cqe.result == -libc::ECANCELED {
+            // A pause's cancel; resumed meanwhile, the recv is armed again now.
+            let resumed = self
+                .current(op.fd, op.generation)
+                .is_some_and(|s| !s.recv_paused && s.recv_slot.is_none());
+            if !more && resumed && self.unhealthy.is_none() {
+                self.counters.recv_rearms += 1;
+                self.arm_recv(op.fd)?;
+            }
             return Ok(());
+        }
+        if let Some(state) = self.current(op.fd, op.generation) {
+            // Over for good: there is nothing to resume.
+            state.recv_paused = false;
         }
         // EOF (0) or an error: the recv is over and the caller decides what follows.
         self.ready.push_back(Completion {
@@ -1287,6 +1355,82 @@ mod tests {
         assert!(Hotpath::validate(1024, 512, 32).is_err());
         assert!(Hotpath::validate(65536, 512, 8192).is_err());
         assert!(Hotpath::validate(1024, 512, 8192).is_ok());
+    }
+
+    /// Recv completions until `want` bytes came, their buffers released at once.
+    fn receive(hp: &mut Hotpath, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < want && Instant::now() < deadline {
+            for c in next(hp, deadline).iter().filter(|c| c.op == OpKind::Recv) {
+                assert!(c.result > 0, "unexpected recv result {}", c.result);
+                let bid = c.buf_id.unwrap() as u32;
+                got.extend_from_slice(hp.buffer(bid, c.result as usize).unwrap());
+                hp.release_buffer(bid).unwrap();
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_paused_recv_leaves_input_in_the_socket_until_resumed() {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
+        let (fd, mut client) = accept_one(&mut hp, &listener);
+        hp.submit_recv_multishot(fd).unwrap();
+        client.write_all(b"first").unwrap();
+        assert_eq!(receive(&mut hp, 5), b"first");
+        hp.pause_recv(fd).unwrap();
+        assert!(hp.recv_paused(fd));
+        let unarmed = |h: &Hotpath| h.fds.get(fd).is_some_and(|s| s.recv_slot.is_none());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(
+            hp.drive_until(deadline, unarmed).unwrap(),
+            "the recv was not cancelled"
+        );
+        client.write_all(b"second").unwrap();
+        let mut peeked = [0u8; 16];
+        let mut waiting = 0;
+        for _ in 0..20 {
+            // The ring is entered meanwhile: a recv still armed would take the bytes.
+            assert!(next(&mut hp, Instant::now() + Duration::from_millis(10))
+                .iter()
+                .all(|c| c.op != OpKind::Recv));
+            // SAFETY: the pointer and length describe `peeked`.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    peeked.as_mut_ptr().cast(),
+                    peeked.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            waiting = n.max(0) as usize;
+            if waiting == 6 {
+                break;
+            }
+        }
+        assert_eq!(
+            &peeked[..waiting],
+            b"second",
+            "the bytes left the socket while paused"
+        );
+        hp.resume_recv(fd).unwrap();
+        assert!(!hp.recv_paused(fd));
+        assert_eq!(receive(&mut hp, 6), b"second");
+        // Resumed before its cancel completed: the cancel's end re-arms it.
+        hp.pause_recv(fd).unwrap();
+        hp.resume_recv(fd).unwrap();
+        client.write_all(b"third").unwrap();
+        assert_eq!(receive(&mut hp, 5), b"third");
+        hp.begin_cancel_all().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(hp
+            .drive_until(deadline, |h| h.ops_in_flight() == 0)
+            .unwrap());
+        hp.teardown(true);
+        close_fd(fd);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod bufring;
 mod deadline;
+mod direct;
 pub mod errors;
 mod fdmap;
 mod handover;

@@ -1,6 +1,8 @@
 //! The app thread pool of the io_uring loop (`threads > 1`): sessions run on pool threads,
 //! and what they produce goes back to the ring thread through a wake socket the ring reads
-//! itself, so only the ring's owner thread ever submits to it or enters it.
+//! itself, so only the ring's owner thread ever submits to it or enters it. Once the ring is
+//! given up (live fallback), turns still running do their I/O on their sockets directly and
+//! their results wait for the loop that adopted their connections.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use pyo3::prelude::*;
 
 use crate::deadline::Awaiting;
+use crate::direct;
 use crate::errors::BodyError;
 use crate::protocol::PyWsgiApp;
 use crate::session::Session;
@@ -41,6 +44,17 @@ pub enum Handback {
         closing: bool,
         awaiting: Awaiting,
     },
+    /// The app read every byte the ring held for it after the ring stopped receiving for
+    /// its connection (input piled up): receive again.
+    Resume { fd: i32, io: SharedIo },
+}
+
+/// How a wait for body bytes ended.
+pub enum Input {
+    /// The ring delivered something.
+    Arrived,
+    /// The ring was given up: read the socket directly.
+    Direct,
 }
 
 #[derive(Default)]
@@ -52,6 +66,12 @@ struct State {
     stopping: bool,
     /// Pool threads that have not exited yet.
     live: usize,
+    /// The ring was given up: no turn starts any more, nothing is handed back, and the turns
+    /// still running send and receive on their sockets themselves.
+    direct: bool,
+    /// The sessions (by address) whose turn runs now; the loop that adopts a connection
+    /// handed over mid-turn waits for its session to leave this list.
+    running: Vec<usize>,
 }
 
 pub struct AppThreads {
@@ -60,6 +80,8 @@ pub struct AppThreads {
     jobs_cv: Condvar,
     /// Body reads wait here for the ring to deliver input; the stop waits for exits too.
     input_cv: Condvar,
+    /// After the ring was given up: the end of each turn still running is announced here.
+    turn_cv: Condvar,
     wake_rx: UnixStream,
     wake_tx: UnixStream,
     body_timeout: Duration,
@@ -78,6 +100,7 @@ impl AppThreads {
             state: Mutex::new(State::default()),
             jobs_cv: Condvar::new(),
             input_cv: Condvar::new(),
+            turn_cv: Condvar::new(),
             wake_rx,
             wake_tx,
             body_timeout,
@@ -118,6 +141,7 @@ impl AppThreads {
         Python::attach(|py| {
             let app = app.get().app();
             while let Some(job) = py.detach(|| self.next_job()) {
+                let key = session_key(&job.session);
                 let mut session = lock_session(&job.session);
                 session.advance(py, app, transport);
                 let turn = Handback::Turn {
@@ -130,7 +154,7 @@ impl AppThreads {
                 // Let go of the session before the ring sees the turn: a connection at rest
                 // gives its working state back only when nothing else holds it.
                 drop(job);
-                self.hand_back(turn);
+                self.turn_over(key, turn);
             }
         });
         lock(&self.state).live -= 1;
@@ -144,6 +168,7 @@ impl AppThreads {
                 return None;
             }
             if let Some(job) = st.jobs.pop_front() {
+                st.running.push(session_key(&job.session));
                 return Some(job);
             }
             st = self.jobs_cv.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -164,14 +189,63 @@ impl AppThreads {
         }
     }
 
-    fn hand_back(&self, what: Handback) {
+    /// Queues `what` for the ring; gives it back once the ring was given up.
+    fn hand_back(&self, what: Handback) -> Option<Handback> {
         let mut st = lock(&self.state);
+        if st.direct {
+            return Some(what);
+        }
+        self.push(&mut st, what);
+        None
+    }
+
+    fn push(&self, st: &mut State, what: Handback) {
         st.done.push(what);
-        let tell = !std::mem::replace(&mut st.told, true);
-        drop(st);
-        if tell {
+        if !std::mem::replace(&mut st.told, true) {
             // A full socket already holds a wake-up the ring has yet to read.
             let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
+
+    /// A turn ended: the ring takes its connection back, or, once the ring was given up,
+    /// whoever waits for it in `wait_turn` is told (the output stays in the session).
+    fn turn_over(&self, key: usize, turn: Handback) {
+        let mut st = lock(&self.state);
+        if let Some(at) = st.running.iter().position(|&k| k == key) {
+            st.running.swap_remove(at);
+        }
+        if !st.direct {
+            self.push(&mut st, turn);
+            return;
+        }
+        drop(st);
+        self.turn_cv.notify_all();
+    }
+
+    /// Waits, without the GIL, until the turn of `session` that was running when the ring was
+    /// given up is over. No bound: it lasts as long as the app call, as inline.
+    pub fn wait_turn(&self, session: &Arc<Mutex<Session>>) {
+        let key = session_key(session);
+        let mut st = lock(&self.state);
+        while st.running.contains(&key) {
+            st = self.turn_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// From the ring thread, when it gives the ring up: no turn starts any more and nothing
+    /// is handed back. Until the returned guard goes, the turns still running wait at their
+    /// next send or body read, so the caller can first give each connection what the ring
+    /// did not send for it.
+    pub fn halt(&self) -> Halted<'_> {
+        let mut st = lock(&self.state);
+        st.direct = true;
+        let unstarted = st.jobs.drain(..).map(|job| job.fd).collect();
+        let done = std::mem::take(&mut st.done);
+        Halted {
+            pool: self,
+            _st: st,
+            done,
+            unstarted,
         }
     }
 
@@ -190,29 +264,37 @@ impl AppThreads {
     }
 
     /// Waits, without the GIL, until the ring delivers input for `io`, its connection ends,
-    /// or the body timeout passes.
-    fn wait_for_input(&self, io: &SharedIo) -> Result<(), BodyError> {
+    /// the ring is given up, or the body timeout passes.
+    fn wait_for_input(&self, io: &SharedIo) -> Result<Input, BodyError> {
         let deadline = Instant::now() + self.body_timeout;
         let mut st = lock(&self.state);
-        let start = {
-            let io = lock_io(io);
+        let (start, resume) = {
+            let mut io = lock_io(io);
             if let Some(why) = io.severed {
                 return Err(BodyError::Disconnected(why));
             }
-            io.arrivals_seen
+            let paused = std::mem::take(&mut io.input_paused);
+            (io.arrivals_seen, paused.then_some(io.fd))
         };
+        if let Some(fd) = resume.filter(|_| !st.direct) {
+            // The ring stopped receiving while input piled up; the app has read it all now.
+            self.push(&mut st, Handback::Resume { fd, io: io.clone() });
+        }
         loop {
-            if st.stopping {
-                return Err(BodyError::Disconnected(None));
-            }
             {
                 let io = lock_io(io);
                 if let Some(why) = io.severed {
                     return Err(BodyError::Disconnected(why));
                 }
                 if io.arrivals != start {
-                    return Ok(());
+                    return Ok(Input::Arrived);
                 }
+            }
+            if st.direct {
+                return Ok(Input::Direct);
+            }
+            if st.stopping {
+                return Err(BodyError::Disconnected(None));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -250,14 +332,53 @@ impl AppThreads {
     }
 }
 
+/// The ring thread's hold on a halted pool (see `AppThreads::halt`).
+pub struct Halted<'a> {
+    pool: &'a AppThreads,
+    _st: MutexGuard<'a, State>,
+    /// What was handed back and not taken by the ring yet.
+    done: Vec<Handback>,
+    /// Connections whose turn was queued and never started.
+    pub unstarted: Vec<i32>,
+}
+
+impl Halted<'_> {
+    /// The early sends (plaintext) of the connection of `io` that the ring never took, in
+    /// order. Turns that ended untaken need nothing: their output stays in the session.
+    pub fn sends_of(&mut self, io: &SharedIo) -> Vec<Vec<u8>> {
+        let mut sends = Vec::new();
+        self.done.retain_mut(|back| match back {
+            Handback::Send { io: of, bytes, .. } if Arc::ptr_eq(of, io) => {
+                sends.push(std::mem::take(bytes));
+                false
+            }
+            _ => true,
+        });
+        sends
+    }
+}
+
+impl Drop for Halted<'_> {
+    fn drop(&mut self) {
+        // Body reads waiting for the ring go to the socket now.
+        self.pool.input_cv.notify_all();
+    }
+}
+
+/// What identifies a turn's session while it runs.
+fn session_key(session: &Arc<Mutex<Session>>) -> usize {
+    Arc::as_ptr(session) as usize
+}
+
 /// The app's view of its connection on a pool thread: early sends and body waits go
-/// through the ring thread, never into the ring from here.
+/// through the ring thread, never into the ring from here; once the ring is given up,
+/// straight to the socket.
 struct PoolTransport {
     pool: Arc<AppThreads>,
 }
 
 impl Transport for PoolTransport {
-    fn send_now(&self, _py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
+    fn send_now(&self, py: Python<'_>, io: &SharedIo, bytes: Vec<u8>) -> Result<(), BodyError> {
         let (fd, severed) = {
             let io = lock_io(io);
             (io.fd, io.severed)
@@ -265,12 +386,22 @@ impl Transport for PoolTransport {
         if let Some(why) = severed {
             return Err(BodyError::Disconnected(why));
         }
-        let io = io.clone();
-        self.pool.hand_back(Handback::Send { fd, io, bytes });
-        Ok(())
+        let send = Handback::Send {
+            fd,
+            io: io.clone(),
+            bytes,
+        };
+        let Some(Handback::Send { bytes, .. }) = self.pool.hand_back(send) else {
+            return Ok(());
+        };
+        let wait = self.pool.body_timeout;
+        py.detach(|| direct::send_plain(io, bytes, wait))
     }
 
     fn pull(&self, py: Python<'_>, io: &SharedIo) -> Result<(), BodyError> {
-        py.detach(|| self.pool.wait_for_input(io))
+        py.detach(|| match self.pool.wait_for_input(io)? {
+            Input::Arrived => Ok(()),
+            Input::Direct => direct::pull(io, self.pool.body_timeout),
+        })
     }
 }

@@ -12,6 +12,7 @@ use crate::errors::{BodyError, TlsLoadError};
 use crate::handover::HandedOver;
 use crate::http::Limits;
 use crate::metrics_py::MetricsSlot;
+use crate::pool::AppThreads;
 use crate::session::Session;
 use crate::tls::{self, TlsFilter};
 use crate::tls_config::TlsConfig;
@@ -175,6 +176,9 @@ pub struct HttpProtocol {
     io: SharedIo,
     /// Which timeout the connection is under; the loop keeps the deadlines themselves.
     phase: Mutex<Phase>,
+    /// Set on a connection handed over by an io_uring loop while its app call ran on one of
+    /// that loop's app threads: the next `advance()` waits for that turn first.
+    handed_turn: Mutex<Option<Arc<AppThreads>>>,
 }
 
 fn timer_name(timer: Timer) -> &'static str {
@@ -203,6 +207,11 @@ impl HttpProtocol {
         reply: Vec<u8>,
     ) -> Bound<'py, PyBytes> {
         session.advance(py, self.app.get().app(), &self.transport);
+        Self::wire(py, session, reply)
+    }
+
+    /// The session's pending output for the wire, after `reply`.
+    fn wire<'py>(py: Python<'py>, session: &Session, reply: Vec<u8>) -> Bound<'py, PyBytes> {
         let mut guard = lock_io(&session.io);
         let io = &mut *guard;
         if let Some(tls) = io.tls.as_deref_mut() {
@@ -211,9 +220,27 @@ impl HttpProtocol {
             io.clear_out();
             return PyBytes::new(py, &wire);
         }
+        if !reply.is_empty() {
+            let mut wire = reply;
+            wire.extend_from_slice(&io.out);
+            io.clear_out();
+            return PyBytes::new(py, &wire);
+        }
         let bytes = PyBytes::new(py, &io.out);
         io.clear_out();
         bytes
+    }
+
+    /// Waits (without the GIL) for the turn that ran on an io_uring app thread when the ring
+    /// was given up; then the bytes that ring left unsent. None when there was no such turn.
+    fn finish_handed_turn(&self, py: Python<'_>) -> Option<Vec<u8>> {
+        let threads = self
+            .handed_turn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        py.detach(|| threads.wait_turn(&self.session));
+        Some(std::mem::take(&mut lock_io(&self.io).owed))
     }
 }
 
@@ -240,6 +267,7 @@ impl HttpProtocol {
             session: Arc::new(Mutex::new(Session::new(io.clone(), peer))),
             io,
             phase: Mutex::new(Phase::opened().0),
+            handed_turn: Mutex::new(None),
         })
     }
 
@@ -257,6 +285,7 @@ impl HttpProtocol {
             session: state.session,
             io: state.io,
             phase: Mutex::new(state.phase),
+            handed_turn: Mutex::new(state.turn),
         })
     }
 
@@ -297,13 +326,17 @@ impl HttpProtocol {
         bytes
     }
 
-    /// Answers the requests the bytes received so far complete; returns bytes to send.
+    /// Answers the requests the bytes received so far complete; returns bytes to send. On a
+    /// connection handed over while its app call ran on an io_uring app thread, first waits
+    /// (without the GIL) for that call, whose output comes first.
     fn advance<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let handed = self.finish_handed_turn(py);
         let mut session = self.session();
-        if session.closing() {
-            return PyBytes::new(py, b"");
+        match handed {
+            Some(owed) if session.closing() => Self::wire(py, &session, owed),
+            _ if session.closing() => PyBytes::new(py, b""),
+            owed => self.process(py, &mut session, owed.unwrap_or_default()),
         }
-        self.process(py, &mut session, Vec::new())
     }
 
     /// Answers requests that were held back while output piled up; call it once the bytes

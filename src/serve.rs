@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::deadline::{Awaiting, Deadlines, Kind, Phase, Timeouts, Timer};
+use crate::direct;
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::fdmap::FdMap;
 use crate::handover::{ConnState, HandedOver, Handover};
@@ -24,7 +25,7 @@ use crate::pyargs::fd_of;
 use crate::session::{Session, OUT_HIGH_WATER};
 use crate::tls::{self, TlsFilter};
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
-use crate::uring::{close_fd, peer_addr, recv_waiting, send_waiting};
+use crate::uring::{close_fd, peer_addr, send_waiting};
 use crate::working::{lock_session, WorkPool, Working};
 use crate::wsgi::environ::{Peer, PeerHost};
 
@@ -36,6 +37,10 @@ const SEND_HIGH_WATER: u32 = OUT_HIGH_WATER as u32;
 const ONE_AT_A_TIME_WITHIN: usize = 64;
 /// A peer that sends this much more while not reading its responses is cut off.
 const INPUT_CAP_WHILE_BLOCKED: usize = 8 << 20;
+/// Past this much input held for a connection whose app call runs on an app thread, the
+/// ring stops receiving for it until the app reads it or the turn ends: the kernel's socket
+/// buffer holds the rest, as when the app runs inline.
+const INPUT_CAP_ON_POOL: usize = 1 << 20;
 /// How long stopping waits for the kernel to confirm every cancelled operation.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// How long stopping waits for app calls still running on the pool (a graceful stop has
@@ -151,6 +156,8 @@ struct Core {
     /// A busy connection received something: body reads on the pool are told.
     input_moved: bool,
     handbacks: Vec<Handback>,
+    /// Times a connection's recv was stopped for `INPUT_CAP_ON_POOL`.
+    input_pauses: u64,
 }
 
 /// Set by `force_unhealthy`: the reason and whether the ring can still be entered.
@@ -331,12 +338,21 @@ impl Core {
         match (done.result, done.buf_id) {
             (n, Some(bid)) if n > 0 => {
                 let data = self.hp.buffer(bid.into(), n as usize)?;
+                let on_pool = conn.busy();
                 let w = conn.work(&mut self.pool, self.limits, done.fd);
                 let mut io = lock_io(&w.io);
                 io.arrivals = io.arrivals.wrapping_add(1);
                 let reply = tls::receive_wire(&mut io, data);
+                let pause = on_pool && io.conn.buffered() > INPUT_CAP_ON_POOL;
+                if pause {
+                    io.input_paused = true;
+                }
                 drop(io);
                 self.hp.release_buffer(bid.into())?;
+                if pause && !self.hp.recv_paused(done.fd) {
+                    self.hp.pause_recv(done.fd)?;
+                    self.input_pauses += u64::from(self.hp.recv_paused(done.fd));
+                }
                 if !reply.is_empty() {
                     queue_send(&mut self.hp, done.fd, conn, reply)?;
                 }
@@ -623,6 +639,10 @@ impl Core {
                     closing,
                     awaiting,
                 } => self.turn_done(fd, io, closing, awaiting),
+                Handback::Resume { fd, io } => match self.conn_of(fd, &io) {
+                    Some(_) => self.hp.resume_recv(fd),
+                    None => Ok(()),
+                },
             };
         }
         self.handbacks = done;
@@ -637,6 +657,11 @@ impl Core {
         awaiting: Awaiting,
     ) -> RingResult<()> {
         let ours = self.conn_of(fd, &io).is_some();
+        if ours && self.hp.recv_paused(fd) {
+            // The ring takes the connection back: input is its to hold back again.
+            lock_io(&io).input_paused = false;
+            self.hp.resume_recv(fd)?;
+        }
         // Dropped first: a connection now at rest gives its state back only if unshared.
         drop(io);
         let Some(conn) = self.conns.get_mut(fd).filter(|_| ours) else {
@@ -744,7 +769,9 @@ impl Core {
     /// Cancels every operation and delivers what completes meanwhile (received bytes,
     /// accepted connections, send results); takes each connection's unsent output from the
     /// ring; closes the ring. A connection whose send the kernel never confirmed (the ring
-    /// could not be entered) is closed: how much of it reached the peer is unknown.
+    /// could not be entered) is closed: how much of it reached the peer is unknown. A
+    /// connection whose app call runs on an app thread is handed over too: the call carries
+    /// on, sending and reading on the socket itself, and the adopting loop waits for it.
     fn hand_over(&mut self) -> HandoverData {
         let reason = self
             .hp
@@ -763,21 +790,56 @@ impl Core {
         let mut conns = Vec::new();
         let mut to_close = Vec::new();
         let mut dropped = 0;
+        // No turn starts and nothing comes back from the app threads any more; the turns
+        // still running wait at their next send or body read until this is done.
+        let threads = self.app_threads.clone();
+        let mut halted = threads.as_deref().map(AppThreads::halt);
+        for &fd in halted.iter().flat_map(|h| h.unstarted.iter()) {
+            // Queued and never started: the adopting loop runs it.
+            if let Some(conn) = self.conns.get_mut(fd) {
+                conn.on_pool = OnPool::No;
+            }
+        }
         let fds: Vec<i32> = self.conns.fds().collect();
         for fd in fds {
             let Some(mut conn) = self.conns.remove(fd) else {
                 continue;
             };
             if conn.busy() {
-                // Its session runs on an app thread, which only this ring could serve: the
-                // connection closes, and a body read of its app fails at once.
-                if let State::Working(w) = &conn.state {
+                let State::Working(w) = conn.state else {
+                    unreachable!("a turn runs on a working state")
+                };
+                let (mut owed, unconfirmed) = self.hp.take_unsent(fd);
+                let timer = self.take_timer(fd, now);
+                if conn.broken.is_some() || unconfirmed {
+                    // The peer is gone, or how much reached it is unknown: a body read of
+                    // its app fails at once.
                     lock_io(&w.io).severed.get_or_insert(conn.broken);
+                    dropped += usize::from(unconfirmed);
+                    self.pool.recycle(w);
+                    to_close.push(fd);
+                    continue;
                 }
-                let _ = self.hp.take_unsent(fd);
-                self.timers.stop(fd as u32);
-                dropped += 1;
-                to_close.push(fd);
+                if let Some(halted) = halted.as_mut() {
+                    // Early sends the ring never took go out after what it did take.
+                    for plain in halted.sends_of(&w.io) {
+                        owed.extend_from_slice(&tls::sealed(&mut lock_io(&w.io), plain));
+                    }
+                }
+                lock_io(&w.io).owed = owed;
+                conns.push(HandedConn {
+                    fd,
+                    io: w.io.clone(),
+                    unsent: Vec::new(),
+                    timer,
+                    overdue: conn.overdue,
+                    state: ConnState {
+                        io: w.io,
+                        session: w.session,
+                        phase: conn.phase,
+                        turn: threads.clone(),
+                    },
+                });
                 continue;
             }
             // A resting connection gets its working state back: epoll keeps one per connection.
@@ -791,11 +853,7 @@ impl Core {
                 lock_io(&w.io).conn.continue_kept_alive();
             }
             let (unsent, unconfirmed) = self.hp.take_unsent(fd);
-            let timer = self.timers.deadline_of(fd as u32).map(|(kind, at)| {
-                let left = at.saturating_duration_since(now).as_secs_f64();
-                (kind.name(), left)
-            });
-            self.timers.stop(fd as u32);
+            let timer = self.take_timer(fd, now);
             if unconfirmed {
                 dropped += 1;
             }
@@ -814,12 +872,12 @@ impl Core {
                     io: w.io,
                     session: w.session,
                     phase: conn.phase,
+                    turn: None,
                 },
             });
         }
-        if let Some(threads) = &self.app_threads {
-            threads.input_arrived();
-        }
+        // The turns still running carry on, straight on their sockets.
+        drop(halted);
         self.hp.close_ring(confirmed);
         // The ring is gone, and with it every operation that held these fds.
         for fd in to_close {
@@ -835,6 +893,17 @@ impl Core {
             dropped,
             confirmed,
         }
+    }
+
+    /// The running timeout of `fd` for the hand-over (its name and the seconds left), which
+    /// this loop stops keeping.
+    fn take_timer(&mut self, fd: i32, now: Instant) -> Option<(&'static str, f64)> {
+        let timer = self.timers.deadline_of(fd as u32).map(|(kind, at)| {
+            let left = at.saturating_duration_since(now).as_secs_f64();
+            (kind.name(), left)
+        });
+        self.timers.stop(fd as u32);
+        timer
     }
 
     /// Applies a pending `force_unhealthy`; true when the ring is unhealthy.
@@ -1031,26 +1100,7 @@ impl Transport for LoopTransport {
 /// socket, as the epoll loop's transport reads.
 fn pull_directly(core: &Mutex<Core>, fd: i32, io: &SharedIo) -> Result<(), BodyError> {
     let wait = lock(core).timers.timeouts().body;
-    let mut buf = vec![0; 64 * 1024];
-    let n = match recv_waiting(fd, &mut buf, wait) {
-        Ok(Some(n)) => n,
-        Ok(None) => return Err(BodyError::TimedOut(wait)),
-        Err(e) => {
-            lock_io(io).conn.receive_eof();
-            return Err(BodyError::Disconnected(e.raw_os_error()));
-        }
-    };
-    let mut guard = lock_io(io);
-    if n == 0 {
-        guard.conn.receive_eof();
-        return Ok(());
-    }
-    let reply = tls::receive_wire(&mut guard, &buf[..n]);
-    drop(guard);
-    if reply.is_empty() {
-        return Ok(());
-    }
-    lock(core).send_handed(fd, io, &reply)
+    direct::pull_with(io, wait, |reply| lock(core).send_handed(fd, io, &reply))
 }
 
 /// Serves one WSGI app on one listening socket with the native io_uring loop.
@@ -1271,6 +1321,7 @@ impl UringServer {
             pool_woken: false,
             input_moved: false,
             handbacks: Vec::new(),
+            input_pauses: 0,
         }));
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {
             core: Arc::downgrade(&core),
@@ -1344,7 +1395,10 @@ impl UringServer {
                 core.hand_over_once();
                 core.handed.take().expect("just handed over")
             });
-            self.stop_app_threads(py);
+            // Idle app threads exit; busy ones once their turn, handed over, is done.
+            if let Some(pool) = lock(&self.core).app_threads.clone() {
+                pool.stop(Duration::ZERO);
+            }
             let mut connections = Vec::with_capacity(data.conns.len());
             for c in data.conns {
                 let handed = HandedOver::new(c.fd, c.unsent, c.timer, c.overdue, c.state);
@@ -1408,6 +1462,7 @@ impl UringServer {
         d.set_item("requests", self.app.get().app().requests())?;
         d.set_item("working_states", core.pool.made)?;
         d.set_item("fallback_engaged", core.fallback_engaged)?;
+        d.set_item("input_pauses", core.input_pauses)?;
         Ok(d)
     }
 }

@@ -30,6 +30,13 @@ pub struct ConnIo {
     /// Set by the io_uring loop when the connection ended under an app running on a pool
     /// thread: Some(errno) when it broke, None when the loop closed it.
     pub severed: Option<Option<i32>>,
+    /// Set by the io_uring loop when it stopped receiving for this connection because input
+    /// piled up under an app call on a pool thread: a body read that runs out asks it to
+    /// receive again.
+    pub input_paused: bool,
+    /// Wire bytes the ring took for this connection and never sent, when it was given up
+    /// while an app call ran on a pool thread: they go out before anything else.
+    pub owed: Vec<u8>,
 }
 
 pub type SharedIo = Arc<Mutex<ConnIo>>;
@@ -45,6 +52,8 @@ impl ConnIo {
             arrivals: 0,
             arrivals_seen: 0,
             severed: None,
+            input_paused: false,
+            owed: Vec::new(),
         }))
     }
 
@@ -64,6 +73,8 @@ impl ConnIo {
         self.arrivals = 0;
         self.arrivals_seen = 0;
         self.severed = None;
+        self.input_paused = false;
+        self.owed = Vec::new();
     }
 
     /// Everything written so far, sent or not: response sizes are differences of this.

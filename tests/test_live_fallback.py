@@ -471,3 +471,73 @@ def test_the_switch_shows_in_the_metrics() -> None:
     finally:
         st.stop()
     assert not st.errors, st.errors
+
+
+def test_app_calls_running_on_app_threads_finish_across_the_switch(
+    server_errors: list[logging.LogRecord],
+) -> None:
+    """threads=2, both app threads busy when the ring goes: one app call blocked on an Event,
+    with a request pipelined behind it and another sent after the switch; one that sends
+    100 Continue and reads its body only after the switch. Every request is answered, and
+    later requests on both connections are served by epoll; zero failures."""
+    paths = ("/block", "/expect")
+    entered = {p: threading.Event() for p in paths}
+    release = {p: threading.Event() for p in paths}
+
+    def blocking_app(
+        environ: dict[str, object], start_response: Callable[..., object]
+    ) -> list[bytes]:
+        path = str(environ["PATH_INFO"])
+        if path in entered:
+            entered[path].set()
+            if not release[path].wait(TIMEOUT * 3):
+                start_response("503 Service Unavailable", [])
+                return [b"never released"]
+        body = environ["wsgi.input"].read()  # type: ignore[attr-defined]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [path.encode(), b" ", digest(body)]
+
+    st = ServerThread(blocking_app, "on", threads=2, body_timeout=TIMEOUT * 3)
+    try:
+        assert wait_until(lambda: st.server._native is not None, TIMEOUT)
+        blocked = st.connect(timeout=TIMEOUT * 3)
+        blocked.sendall(get("/block") + get("/behind"))
+        expect = st.connect(timeout=TIMEOUT * 3)
+        head = f"POST /expect HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n"
+        expect.sendall(head.encode() + b"Expect: 100-continue\r\n\r\n")
+        assert all(entered[p].wait(TIMEOUT) for p in paths), "the app calls never started"
+        assert st.server.force_unhealthy("test: sick with app calls on app threads")
+        assert wait_until(lambda: st.server.backend == "epoll", TIMEOUT)
+        blocked.sendall(get("/after-switch"))
+        release["/block"].set()
+        reader = Reader(blocked, TIMEOUT * 3)
+        for path in ("/block", "/behind", "/after-switch"):
+            resp = reader.read_response()
+            assert (resp.status, resp.body) == (200, path.encode() + b" " + digest(b"")), resp
+        # The 100 Continue goes out from the app thread straight to the socket, and the body
+        # is read from it there.
+        release["/expect"].set()
+        expect_reader = Reader(expect, TIMEOUT * 3)
+        assert expect_reader.read_response().status == 100
+        expect.sendall(BODY)
+        resp = expect_reader.read_response()
+        assert (resp.status, resp.body) == (200, b"/expect " + digest(BODY)), resp
+        # Both connections live on, served by epoll now.
+        for sock, sock_reader in ((blocked, reader), (expect, expect_reader)):
+            sock.sendall(get("/again"))
+            resp = sock_reader.read_response()
+            assert (resp.status, resp.body) == (200, b"/again " + digest(b"")), resp
+            sock.close()
+        with st.connect() as fresh:
+            resp, _ = read_one_after(fresh, get("/fresh"))
+            assert resp.status == 200
+        assert st.server.fallback_engaged == 1
+    finally:
+        for event in release.values():
+            event.set()
+        st.stop()
+    assert not st.errors, st.errors
+    warnings = [r.getMessage() for r in server_errors if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "test: sick with app calls on app threads" in warnings[0]
+    assert "never confirmed" not in warnings[0], warnings[0]

@@ -386,43 +386,106 @@ def test_connections_between_requests_give_back_their_working_state() -> None:
 
 @pytest.mark.needs_hotpath
 def test_a_sick_ring_moves_to_epoll_with_its_app_threads() -> None:
-    """A ring turned unhealthy hands its resting connections to epoll, which keeps the pool;
-    one whose app call was running on an app thread at the switch is closed (the app's
-    body read fails at once rather than waiting for a ring that is gone)."""
+    """A ring turned unhealthy hands its connections to epoll, which keeps the pool; an app
+    reading its body on an app thread at the switch reads the rest from the socket itself,
+    and its connection carries on under epoll."""
     entered = threading.Event()
     failed = threading.Event()
     idents: list[int] = []
 
     def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
         idents.append(threading.get_ident())
+        body = b""
         if environ["PATH_INFO"] == "/read":
             entered.set()
             try:
-                environ["wsgi.input"].read()
+                body = environ["wsgi.input"].read()
             except OSError:
                 failed.set()
                 raise
         start_response("200 OK", [])
-        return [b"threads" if environ["wsgi.multithread"] else b"inline"]
+        mode = b"threads" if environ["wsgi.multithread"] else b"inline"
+        return [mode, b" ", hashlib.sha256(body).hexdigest().encode()]
 
     st = ServerThread(app, "on", threads=3, body_timeout=30)
+    body = os.urandom(1000)
+    empty = b"threads " + hashlib.sha256(b"").hexdigest().encode()
     try:
         resting = st.connect()
-        assert request(resting, get())[0].body == b"threads"
-        reading = st.connect()
-        reading.sendall(post(1000, "/read") + b"x")
+        assert request(resting, get())[0].body == empty
+        reading = st.connect(timeout=10)
+        reading.sendall(post(len(body), "/read") + body[:1])
         assert entered.wait(5)
         assert st.server.force_unhealthy("test: sick with app threads")
         assert wait_until(lambda: st.server.backend == "epoll", 5)
-        assert failed.wait(5), "the body read waited for a ring that is gone"
-        Reader(reading).read_to_eof(time.monotonic() + 5)
-        # The resting connection and new ones are served on epoll, still on app threads.
-        assert request(resting, get())[0].body == b"threads"
+        reading.sendall(body[1:])
+        resp = Reader(reading, 10).read_response()
+        assert (resp.status, resp.body) == (
+            200,
+            b"threads " + hashlib.sha256(body).hexdigest().encode(),
+        )
+        assert not failed.is_set()
+        # Both connections and new ones are served on epoll, still on app threads.
+        assert request(reading, get())[0].body == empty
+        assert request(resting, get())[0].body == empty
         with st.connect() as s:
-            assert request(s, get())[0].body == b"threads"
+            assert request(s, get())[0].body == empty
         resting.close()
         reading.close()
     finally:
         st.stop()
     assert not st.errors, st.errors
     assert st.thread.ident not in idents
+
+
+FLOOD = 64 << 20
+# No progress on the flood for this long: the server has stopped taking it in. Only a
+# server that holds input back ever waits this long, so it cannot make the test flaky.
+STALL = 2.0
+
+
+def test_input_is_held_back_while_the_app_runs_on_an_app_thread(backend: str) -> None:
+    """An app call blocked on an Event on an app thread while its client floods 64 MiB of
+    request body: the server stops taking the bytes in (they wait in the kernel's socket
+    buffers, which cannot hold them all), and after the release every byte is read and the
+    request answered; the connection then carries on."""
+    entered = threading.Event()
+    release = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        if environ["PATH_INFO"] == "/hold":
+            entered.set()
+            release.wait(APP_WAIT * 3)
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [])
+        return [f"{len(body)} ".encode(), hashlib.sha256(body).hexdigest().encode()]
+
+    flood = bytes(range(256)) * (FLOOD // 256)
+    st = ServerThread(app, backend, threads=2, body_timeout=60)
+    try:
+        with st.connect(timeout=STALL) as s:
+            s.sendall(post(FLOOD, "/hold"))
+            assert entered.wait(5), "the app call never started"
+            view = memoryview(flood)
+            sent = 0
+            try:
+                while sent < FLOOD:
+                    sent += s.send(view[sent : sent + (1 << 20)])
+            except TimeoutError:
+                pass
+            assert sent < FLOOD, "the server took the whole flood in while the app was blocked"
+            release.set()
+            s.settimeout(60)
+            s.sendall(view[sent:])
+            resp = Reader(s, 60).read_response()
+            assert resp.status == 200
+            assert resp.body == f"{FLOOD} {hashlib.sha256(flood).hexdigest()}".encode()
+            resp, _ = request(s, get("/after"))
+            assert resp.body == f"0 {hashlib.sha256(b'').hexdigest()}".encode()
+    finally:
+        release.set()
+        st.stop()
+    assert not st.errors, st.errors
+    if backend == "on":
+        stats = st.server.ring_stats
+        assert stats is not None and stats["input_pauses"] >= 1, stats
