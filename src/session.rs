@@ -126,6 +126,7 @@ impl Session {
                 Event::ConnectionClosed => self.closing = true,
                 Event::Error(err) => {
                     io.conn.send_error(err.status, &mut io.out);
+                    app.observer.rejected(err.status);
                     self.closing = true;
                 }
                 Event::Data(_) | Event::EndOfMessage | Event::Paused => self.draining = true,

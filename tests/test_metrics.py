@@ -137,6 +137,24 @@ def test_requests_by_class_and_the_duration_histogram(
     assert value(samples, "uringserve_workers") == 1
 
 
+def test_requests_the_http_core_refuses_are_counted(
+    serve: Callable[..., ServerThread],
+) -> None:
+    # No app sees these, so only the core can count them: 400 for a bad request line and
+    # 431 for too many header fields.
+    st, address = served(serve)
+    for head, status in (
+        (b"NOT A REQUEST\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 200 + b"\r\n", 431),
+    ):
+        with st.connect() as s:
+            s.sendall(head)
+            assert Reader(s).read_response().status == status
+    want = {"1xx": 0.0, "2xx": 0.0, "3xx": 0.0, "4xx": 2.0, "5xx": 0.0}
+    assert wait_until(lambda: requests_by_class(scrape(address)) == want)
+    assert value(scrape(address), "uringserve_request_duration_seconds_count") == 2
+
+
 def test_open_connections_follow_held_connections(serve: Callable[..., ServerThread]) -> None:
     st, address = served(serve)
     held = []

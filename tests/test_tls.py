@@ -442,10 +442,12 @@ def run_cli(*args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def test_cli_serves_https(backend: str, pki: Pki) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cli_serves_https(backend: str, pki: Pki, workers: int) -> None:
+    # With workers, each one loads the certificates after the fork.
     proc = run_cli(
         "--io-uring", backend, "--certfile", pki.certfile, "--keyfile", pki.keyfile,
-        "--ca-certs", pki.client_ca_file,
+        "--ca-certs", pki.client_ca_file, "--workers", str(workers),
     )  # fmt: skip
     assert proc.stderr is not None
     try:
@@ -459,10 +461,11 @@ def test_cli_serves_https(backend: str, pki: Pki) -> None:
         assert match.group(1) == b"https"
         assert match.group(3) == (b"io_uring" if backend == "on" else b"epoll")
         ctx = client_cert_context(pki, pki.client_ca)
-        raw = socket.create_connection(("127.0.0.1", int(match.group(2))), timeout=TIMEOUT)
-        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            s.sendall(get())
-            assert Reader(s).read_response().status == 200
+        for _ in range(8 if workers else 1):
+            raw = socket.create_connection(("127.0.0.1", int(match.group(2))), timeout=TIMEOUT)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(get())
+                assert Reader(s).read_response().status == 200
     finally:
         proc.terminate()
         assert proc.wait(TIMEOUT) == 0

@@ -74,6 +74,15 @@ impl Observer {
         (self.access.is_some() || self.metrics.is_some()).then(Instant::now)
     }
 
+    /// Counts a request the HTTP core refused before any app saw it (400, 413, 431...). It
+    /// was answered at once, so it lands in the lowest duration bucket; it is not
+    /// access-logged, as gunicorn does not log requests it cannot parse.
+    pub fn rejected(&self, status: u16) {
+        if let Some(slot) = &self.metrics {
+            slot.record(status, Duration::ZERO);
+        }
+    }
+
     /// Logs and counts one answered request: `failed` is the status sent for a failure, else
     /// the app's own; `bytes` the response bytes produced for it.
     #[allow(clippy::too_many_arguments)]
