@@ -26,7 +26,7 @@ import trustme
 
 from fallback_app import BIG, READING_FLAG, app, digest
 from proc_util import ServerProcess, ring_fds
-from server_util import Reader, Response, ServerThread, get, wait_until
+from server_util import Reader, Response, ServerThread, get, request, wait_until
 from test_metrics import backends, scrape, value
 
 pytestmark = pytest.mark.needs_hotpath
@@ -280,7 +280,7 @@ def test_worker_moves_to_epoll_on_the_test_hook_signal(tmp_path: Path) -> None:
             """A connection that the given worker accepted (the shared listener decides)."""
             for _ in range(200):
                 sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
-                resp, _ = read_one_after(sock, get("/who"))
+                resp, _ = request(sock, get("/who"), timeout=TIMEOUT)
                 if resp.body.startswith(f"pid {pid} ".encode()):
                     return sock
                 sock.close()
@@ -307,11 +307,6 @@ def test_worker_moves_to_epoll_on_the_test_hook_signal(tmp_path: Path) -> None:
         server.close()
 
 
-def read_one_after(sock: socket.socket, request: bytes) -> tuple[Response, Reader]:
-    sock.sendall(request)
-    return read_one(sock)
-
-
 def test_a_ring_that_cannot_be_entered_never_repeats_or_skips_response_bytes(
     server_errors: list[logging.LogRecord],
 ) -> None:
@@ -320,7 +315,7 @@ def test_a_ring_that_cannot_be_entered_never_repeats_or_skips_response_bytes(
     try:
         assert wait_until(lambda: st.server._native is not None, TIMEOUT)
         idle = socket.create_connection(st.address, timeout=TIMEOUT)
-        resp, _ = read_one_after(idle, get("/first"))
+        resp, _ = request(idle, get("/first"), timeout=TIMEOUT)
         assert resp.status == 200
         big = socket.create_connection(st.address, timeout=TIMEOUT)
         big.sendall(get("/big"))
@@ -329,7 +324,7 @@ def test_a_ring_that_cannot_be_entered_never_repeats_or_skips_response_bytes(
         assert st.server.force_unhealthy("test: dead ring", ring_usable=False)
         assert wait_until(lambda: st.server.backend == "epoll", TIMEOUT)
         # The idle connection carries on.
-        resp, _ = read_one_after(idle, get("/after"))
+        resp, _ = request(idle, get("/after"), timeout=TIMEOUT)
         assert resp.status == 200 and resp.body.endswith(b"/after")
         # The large response: if the send in flight was one the kernel had taken, how much of
         # it went out is unknown, so the connection is closed after an exact prefix; if its
@@ -344,7 +339,7 @@ def test_a_ring_that_cannot_be_entered_never_repeats_or_skips_response_bytes(
             assert body == BIG[: len(body)], "the prefix sent before the close is corrupted"
         else:
             assert resp.body == BIG
-            resp, _ = read_one_after(big, get("/again"))
+            resp, _ = request(big, get("/again"), timeout=TIMEOUT)
             assert resp.status == 200
         assert own_ring_fds() == baseline
         idle.close()
@@ -369,17 +364,17 @@ def test_a_real_enter_error_moves_the_server_to_epoll_without_losing_the_respons
         assert wait_until(lambda: ring_fds(server.pid) >= 1, TIMEOUT)
         address = ("127.0.0.1", server.port)
         idle = socket.create_connection(address, timeout=TIMEOUT)
-        resp, _ = read_one_after(idle, get("/first"))
+        resp, _ = request(idle, get("/first"), timeout=TIMEOUT)
         assert resp.status == 200
         poisoner = socket.create_connection(address, timeout=TIMEOUT)
-        resp, _ = read_one_after(poisoner, get("/poison"))
+        resp, _ = request(poisoner, get("/poison"), timeout=TIMEOUT)
         if resp.body.startswith(b"unavailable"):
             pytest.skip(resp.body.decode())
         assert (resp.status, resp.body) == (200, b"poisoned")
         line = server.wait_for(SWITCHED, timeout=TIMEOUT)
         assert line.group(1).startswith("io_uring_enter failed: EPERM"), server.log()
         for sock in (idle, poisoner, socket.create_connection(address, timeout=TIMEOUT)):
-            resp, _ = read_one_after(sock, get("/after"))
+            resp, _ = request(sock, get("/after"), timeout=TIMEOUT)
             assert resp.status == 200 and resp.body.endswith(b"/after"), resp
             sock.close()
         assert len(server.matches(SWITCHED)) == 1, server.log()
@@ -397,7 +392,7 @@ def test_a_deadline_runs_on_across_the_switch() -> None:
     try:
         assert wait_until(lambda: st.server._native is not None, TIMEOUT)
         sock = socket.create_connection(st.address, timeout=TIMEOUT)
-        resp, reader = read_one_after(sock, get("/first"))
+        resp, reader = request(sock, get("/first"), timeout=TIMEOUT)
         idle_since = time.monotonic()
         assert resp.status == 200
         # A timing property, not synchronisation: the switch comes late in the idle spell.
@@ -426,7 +421,7 @@ def test_a_graceful_stop_asked_during_the_switch_completes_on_epoll(
     try:
         assert wait_until(lambda: st.server._native is not None, TIMEOUT)
         idle = socket.create_connection(st.address, timeout=TIMEOUT)
-        resp, idle_reader = read_one_after(idle, get("/first"))
+        resp, idle_reader = request(idle, get("/first"), timeout=TIMEOUT)
         assert resp.status == 200
         body = socket.create_connection(st.address, timeout=TIMEOUT)
         head = f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n\r\n"
@@ -462,7 +457,7 @@ def test_the_switch_shows_in_the_metrics() -> None:
         assert st.server.force_unhealthy("test: metrics")
         assert wait_until(lambda: st.server.backend == "epoll", TIMEOUT)
         sock = socket.create_connection(st.address, timeout=TIMEOUT)
-        resp, _ = read_one_after(sock, get("/after"))
+        resp, _ = request(sock, get("/after"), timeout=TIMEOUT)
         assert resp.status == 200
         sock.close()
         samples = scrape(address)
@@ -529,7 +524,7 @@ def test_app_calls_running_on_app_threads_finish_across_the_switch(
             assert (resp.status, resp.body) == (200, b"/again " + digest(b"")), resp
             sock.close()
         with st.connect() as fresh:
-            resp, _ = read_one_after(fresh, get("/fresh"))
+            resp, _ = request(fresh, get("/fresh"), timeout=TIMEOUT)
             assert resp.status == 200
         assert st.server.fallback_engaged == 1
     finally:
