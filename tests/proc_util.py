@@ -18,7 +18,7 @@ from pathlib import Path
 from server_util import Reader, wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
-STARTUP = re.compile(r"serving http://127\.0\.0\.1:(\d+) on (\w+)")
+STARTUP = re.compile(r"serving (https?)://127\.0\.0\.1:(\d+) on (\w+)")
 RING_LINK = "anon_inode:[io_uring]"
 
 
@@ -51,11 +51,16 @@ class ServerProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.scheme = ""
         self.port = 0
         self.backend = ""
         if expect_startup:
-            m = self.wait_for(STARTUP, timeout=30)
-            self.port, self.backend = int(m.group(1)), m.group(2)
+            try:
+                m = self.wait_for(STARTUP, timeout=30)
+            except BaseException:
+                self.close()  # a server that never said it serves is not left running
+                raise
+            self.scheme, self.port, self.backend = m.group(1), int(m.group(2)), m.group(3)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
