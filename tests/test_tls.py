@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
+import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ import requests
 import trustme
 
 import uringserve
+from proc_util import ServerProcess
 from server_util import Reader, ServerThread, echo_app, get, hello_app
 
 TIMEOUT = 10.0
@@ -431,44 +430,27 @@ def test_tls_config_errors_name_the_file(pki: Pki) -> None:
         uringserve.Server(hello_app, port=0, certfile=pki.certfile)
 
 
-STARTUP = re.compile(rb"serving (https?)://127\.0\.0\.1:(\d+) on (\w+)")
-
-
-def run_cli(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "uringserve", "--port", "0", "--no-access-log", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cli_serves_https(backend: str, pki: Pki, workers: int) -> None:
     # With workers, each one loads the certificates after the fork.
-    proc = run_cli(
-        "--io-uring", backend, "--certfile", pki.certfile, "--keyfile", pki.keyfile,
-        "--ca-certs", pki.client_ca_file, "--workers", str(workers),
+    server = ServerProcess(
+        ["--io-uring", backend, "--certfile", pki.certfile, "--keyfile", pki.keyfile,
+         "--ca-certs", pki.client_ca_file, "--workers", str(workers)],
+        app="uringserve.demo:app",
     )  # fmt: skip
-    assert proc.stderr is not None
     try:
-        match = None
-        deadline = time.monotonic() + 20
-        while match is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "the CLI exited before its startup line"
-            match = STARTUP.search(line)
-        assert match is not None
-        assert match.group(1) == b"https"
-        assert match.group(3) == (b"io_uring" if backend == "on" else b"epoll")
+        assert server.scheme == "https"
+        assert server.backend == ("io_uring" if backend == "on" else "epoll")
         ctx = client_cert_context(pki, pki.client_ca)
         for _ in range(8 if workers else 1):
-            raw = socket.create_connection(("127.0.0.1", int(match.group(2))), timeout=TIMEOUT)
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
                 s.sendall(get())
                 assert Reader(s).read_response().status == 200
+        server.send(signal.SIGTERM)
+        assert server.wait(TIMEOUT) == 0, server.log()
     finally:
-        proc.terminate()
-        assert proc.wait(TIMEOUT) == 0
+        server.close()
 
 
 @pytest.mark.parametrize("which", ["--certfile", "--keyfile", "--ca-certs"])
@@ -476,11 +458,16 @@ def test_cli_bad_tls_path_exits_1(pki: Pki, which: str) -> None:
     paths = {"--certfile": pki.certfile, "--keyfile": pki.keyfile, "--ca-certs": pki.ca_file}
     paths[which] = str(pki.tmp / "nope.pem")
     args = [arg for pair in paths.items() for arg in pair]
-    proc = run_cli("--io-uring", "off", *args)
-    _, err = proc.communicate(timeout=TIMEOUT * 2)
-    assert proc.returncode == 1
-    assert b"nope.pem" in err and b"ENOENT" in err
-    assert b"Traceback" not in err
+    server = ServerProcess(
+        ["--io-uring", "off", *args], app="uringserve.demo:app", expect_startup=False
+    )
+    try:
+        assert server.wait(TIMEOUT * 2) == 1
+    finally:
+        server.close()
+    err = server.log()
+    assert "nope.pem" in err and "ENOENT" in err
+    assert "Traceback" not in err
 
 
 def test_tls_options_from_env(monkeypatch: pytest.MonkeyPatch, pki: Pki) -> None:
