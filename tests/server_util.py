@@ -21,6 +21,13 @@ def get(path: str = "/", version: str = "HTTP/1.1", extra: str = "") -> bytes:
     return f"GET {path} {version}\r\nHost: localhost\r\n{extra}\r\n".encode("latin-1")
 
 
+def post(length: int | None, path: str = "/", extra: str = "") -> bytes:
+    """A POST request head with Content-Length (none if length is None) and any extra header
+    lines (each ending in CRLF); the body is the caller's to send."""
+    framing = f"Content-Length: {length}\r\n" if length is not None else ""
+    return f"POST {path} HTTP/1.1\r\nHost: localhost\r\n{framing}{extra}\r\n".encode()
+
+
 def hello_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"hello"]

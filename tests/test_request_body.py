@@ -10,17 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import uringserve
-from server_util import Reader, ServerThread, echo_app, hello_app, request, wait_until
+from server_util import Reader, ServerThread, echo_app, hello_app, post, request, wait_until
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
 MIB = 1024 * 1024
-
-
-def post(length: int | None, path: str = "/", extra: str = "") -> bytes:
-    framing = f"Content-Length: {length}\r\n" if length is not None else ""
-    return f"POST {path} HTTP/1.1\r\nHost: localhost\r\n{framing}{extra}\r\n".encode()
 
 
 def chunked(body: bytes, size: int = 65536) -> bytes:

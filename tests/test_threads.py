@@ -19,7 +19,7 @@ import requests
 import test_request_body
 import test_server_http
 import test_timeouts
-from server_util import Reader, ServerThread, echo_app, get, hello_app, request, wait_until
+from server_util import Reader, ServerThread, echo_app, get, hello_app, post, request, wait_until
 from test_tls import Pki, client_context, connect_tls, pki, tls_options
 
 __all__ = ["pki"]  # the TLS fixture, used below
@@ -30,10 +30,6 @@ BIG = 10 * 1024 * 1024
 # How long a test app waits for its peers or for the test: far past what the test needs,
 # so a failure shows as a broken barrier (or a timed-out wait), never as a hang.
 APP_WAIT = 10.0
-
-
-def post(length: int, path: str = "/", extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
 
 
 def test_four_requests_on_four_connections_run_at_once(

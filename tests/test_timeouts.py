@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from server_util import Reader, ServerThread, get, hello_app, request
+from server_util import Reader, ServerThread, get, hello_app, post, request
 from uringserve.cli import _parser, build_config, main, make_server
 
 StartResponse = Callable[..., Any]
@@ -39,10 +39,6 @@ def closed_within(sock: socket.socket, timeout: float) -> float | None:
         data = b""
     assert data == b"", f"expected the connection to close, got {data!r}"
     return time.monotonic() - start
-
-
-def post(length: int) -> bytes:
-    return f"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n".encode()
 
 
 # ---- header timeout --------------------------------------------------------------------
