@@ -28,6 +28,9 @@ from fallback_app import BIG, READING_FLAG, app, digest
 from proc_util import ServerProcess, ring_fds
 from server_util import Reader, Response, ServerThread, get, request, wait_until
 from test_metrics import backends, scrape, value
+from test_tls import Pki, pki, tls_options
+
+__all__ = ["pki"]  # the TLS fixture, used below
 
 pytestmark = pytest.mark.needs_hotpath
 
@@ -178,17 +181,6 @@ def tls_connector(address: tuple[str, int], ca: trustme.CA) -> Connect:
     return connect
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, str, str]:
-    tmp = tmp_path_factory.mktemp("fallback-tls")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    certfile, keyfile = tmp / "cert.pem", tmp / "key.pem"
-    certfile.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(keyfile))
-    return ca, str(certfile), str(keyfile)
-
-
 def run_switch(
     connect: Connect,
     reading_flag: Path,
@@ -219,7 +211,7 @@ def run_switch(
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_force_unhealthy_in_process_moves_live_connections_to_epoll(
     tls: bool,
-    pki: tuple[trustme.CA, str, str],
+    pki: Pki,
     server_errors: list[logging.LogRecord],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -227,14 +219,13 @@ def test_force_unhealthy_in_process_moves_live_connections_to_epoll(
     flag = tmp_path / "reading"
     monkeypatch.setenv(READING_FLAG, str(flag))
     baseline = own_ring_fds()
-    ca, certfile, keyfile = pki
-    options = {"certfile": certfile, "keyfile": keyfile} if tls else {}
+    options = tls_options(pki) if tls else {}
     st = ServerThread(app, "on", **options)
     try:
         assert wait_until(lambda: st.server._native is not None, TIMEOUT)
         assert own_ring_fds() == baseline + 1
         if tls:
-            connect = tls_connector(st.address, ca)
+            connect = tls_connector(st.address, pki.ca)
         else:
 
             def connect() -> socket.socket:
