@@ -146,6 +146,11 @@ def get_body(port: int, path: str = "/", timeout: float = 5.0) -> bytes:
     return resp.body
 
 
+def answered_by(port: int, path: str = "/") -> int:
+    """One request on a new connection; the pid of the process that answered (lifecycle_app)."""
+    return int(get_body(port, path).split()[1])
+
+
 class _CountingReader(Reader):
     """Remembers whether any byte of a response arrived."""
 

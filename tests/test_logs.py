@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 import uringserve
-from proc_util import TESTS_DIR, ServerProcess
-from server_util import Reader, ServerThread, get, request, wait_until
+from proc_util import TESTS_DIR, ServerProcess, answered_by
+from server_util import ServerThread, get, request, wait_until
 
 # [21/Nov/2026:09:13:24 +0000]
 TIME = r"\[\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}\]"
@@ -173,17 +173,6 @@ def test_a_bad_log_config_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and ".json" in done.stderr
 
 
-def get_pid(port: int, path: str) -> int:
-    """One request on a new connection; the pid of the worker that answered (lifecycle_app)."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        resp = Reader(s, 5).read_response()
-    assert resp.status == 200, resp
-    return int(resp.body.split()[1])
-
-
 def test_log_config_json_sends_every_workers_access_log_to_a_file(
     tmp_path: Path, backend: str
 ) -> None:
@@ -225,7 +214,7 @@ def test_log_config_json_sends_every_workers_access_log_to_a_file(
         pids: set[int] = set()
         sent = 0
         for sent in range(1, 201):
-            pids.add(get_pid(server.port, f"/n{sent}"))
+            pids.add(answered_by(server.port, f"/n{sent}"))
             if len(pids) == 2 and sent >= 10:
                 break
         assert len(pids) == 2, f"one worker answered all {sent} requests"
@@ -273,7 +262,7 @@ def test_log_config_ini_routes_the_error_log(tmp_path: Path) -> None:
         assert wait_until(lambda: startup() is not None, timeout=30), server.log()
         match = startup()
         assert match is not None
-        assert get_pid(int(match.group(1)), "/") == server.pid
+        assert answered_by(int(match.group(1)), "/") == server.pid
         assert "serving" not in server.log()
     finally:
         server.close()

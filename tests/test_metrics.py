@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import uringserve
-from proc_util import ServerProcess
+from proc_util import ServerProcess, answered_by
 from server_util import Reader, ServerThread, get, request, wait_until
 
 SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? (\S+)")
@@ -247,15 +247,6 @@ def test_a_busy_metrics_address_is_refused() -> None:
 
 METRICS_ON = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 BOOTED = re.compile(r"worker (\d+) \(pid (\d+)\) booted on (\w+)")
-
-
-def answered_by(port: int) -> int:
-    """One request on a new connection; the pid of the worker that answered."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        resp = Reader(s, 5).read_response()
-    assert resp.status == 200, resp
-    return int(resp.body.split()[1])
 
 
 def test_workers_are_summed_and_a_dead_ones_counts_kept(backend: str) -> None:
