@@ -19,6 +19,7 @@ from server_util import Reader, wait_until
 
 TESTS_DIR = Path(__file__).resolve().parent
 STARTUP = re.compile(r"serving (https?)://127\.0\.0\.1:(\d+) on (\w+)")
+BOOTED = re.compile(r"worker (\d+) \(pid (\d+)\) booted on (\w+)")
 RING_LINK = "anon_inode:[io_uring]"
 
 
@@ -85,6 +86,11 @@ class ServerProcess:
         found = wait_until(lambda: len(self.matches(pattern)) >= count, timeout)
         assert found, f"no {count} line(s) matching {pattern!r} in:\n{self.log()}"
         return self.matches(pattern)[count - 1]
+
+    def booted(self, count: int, timeout: float = 30) -> list[int]:
+        """Pids of the first `count` workers that booted, waiting for them."""
+        self.wait_for(BOOTED, count=count, timeout=timeout)
+        return [int(m.group(2)) for m in self.matches(BOOTED)][:count]
 
     def children(self) -> list[int]:
         """Live child processes of the server (its workers, in worker mode)."""

@@ -137,7 +137,7 @@ def test_sigterm_under_load_fails_no_request_it_took(
     load = Load(server.port, path="/slow?s=0.02", clients=6, max_requests=5_000)
     try:
         if workers:
-            server.wait_for(r"worker \d+ \(pid \d+\) booted", count=workers)
+            server.booted(workers)
         load.start()
         load.wait_completed(60)
         sent_at = time.monotonic()
@@ -180,7 +180,7 @@ def test_sigterm_answers_every_request_sent_on_accepted_connections(
     conns: list[socket.socket] = []
     try:
         if workers:
-            server.wait_for(r"worker \d+ \(pid \d+\) booted", count=workers)
+            server.booted(workers)
         for _ in range(6):
             s = socket.create_connection(("127.0.0.1", server.port), timeout=20)
             conns.append(s)

@@ -36,7 +36,6 @@ pytestmark = pytest.mark.needs_hotpath
 
 TIMEOUT = 10.0
 BODY = bytes(range(251)) * 1045  # about 256 KiB, sent in two halves around the switch
-WORKER_BOOTED = re.compile(r"worker (\d+) \(pid (\d+)\) booted on (\w+)")
 SWITCHED = re.compile(r"io_uring ring unhealthy \((.*)\): serving on epoll")
 
 Connect = Callable[[], socket.socket]
@@ -261,8 +260,7 @@ def test_worker_moves_to_epoll_on_the_test_hook_signal(tmp_path: Path) -> None:
     args = ["--io-uring", "on", "--workers", "2", "--reuse-port"]
     server = ServerProcess(args, env=env, app="fallback_app:app")
     try:
-        server.wait_for(WORKER_BOOTED, count=2, timeout=30)
-        pids = [int(m.group(2)) for m in server.matches(WORKER_BOOTED)][:2]
+        pids = server.booted(2)
         sick, healthy = pids
         # A worker says it booted just before it opens its ring.
         assert wait_until(lambda: ring_fds(sick) >= 1 and ring_fds(healthy) >= 1, TIMEOUT)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import uringserve
-from proc_util import ServerProcess, answered_by
+from proc_util import BOOTED, ServerProcess, answered_by
 from server_util import Reader, ServerThread, get, request, wait_until
 
 SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? (\S+)")
@@ -246,7 +246,6 @@ def test_a_busy_metrics_address_is_refused() -> None:
 
 
 METRICS_ON = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
-BOOTED = re.compile(r"worker (\d+) \(pid (\d+)\) booted on (\w+)")
 
 
 def test_workers_are_summed_and_a_dead_ones_counts_kept(backend: str) -> None:
@@ -255,7 +254,7 @@ def test_workers_are_summed_and_a_dead_ones_counts_kept(backend: str) -> None:
     )
     try:
         address = ("127.0.0.1", int(server.wait_for(METRICS_ON).group(1)))
-        server.wait_for(BOOTED, count=2, timeout=30)
+        server.booted(2)
         expected = "io_uring" if backend == "on" else "epoll"
         assert wait_until(lambda: backends(scrape(address)) == {"1": expected, "2": expected})
         pids: set[int] = set()
@@ -277,7 +276,7 @@ def test_workers_are_summed_and_a_dead_ones_counts_kept(backend: str) -> None:
         # totals keep what the dead one counted.
         booted = {m.group(1): int(m.group(2)) for m in server.matches(BOOTED)}
         os.kill(booted["1"], signal.SIGKILL)
-        server.wait_for(BOOTED, count=3, timeout=30)
+        server.booted(3)
         assert wait_until(lambda: set(backends(scrape(address))) == {"2", "3"})
         samples = scrape(address)
         assert requests_by_class(samples)["2xx"] == sent

@@ -6,7 +6,6 @@ count; SIGHUP re-imports the app; SIGQUIT stops at once; --reuse-port spreads co
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import threading
@@ -21,7 +20,6 @@ from server_util import wait_until
 from uringserve.cli import _parser, build_config
 from uringserve.config import options_from_env
 
-BOOTED = re.compile(r"worker (\d+) \(pid (\d+)\) booted on (\w+)")
 MAX_WORKER_WAIT = 30
 
 # Runs the CLI with the native module's ring constructors and probe guarded: called in the
@@ -53,12 +51,6 @@ def start(backend: str, *args: str, **kwargs: object) -> ServerProcess:
     return server
 
 
-def booted(server: ServerProcess, count: int) -> list[int]:
-    """Pids of the first `count` workers that booted, waiting for them."""
-    server.wait_for(BOOTED, count=count, timeout=MAX_WORKER_WAIT)
-    return [int(m.group(2)) for m in server.matches(BOOTED)][:count]
-
-
 def worker_count(server: ServerProcess, n: int) -> bool:
     return wait_until(lambda: len(server.children()) == n, timeout=MAX_WORKER_WAIT)
 
@@ -66,7 +58,7 @@ def worker_count(server: ServerProcess, n: int) -> bool:
 def test_workers_serve_and_only_they_open_rings(backend: str) -> None:
     server = start(backend, "--workers", "2", launcher=GUARDED_LAUNCHER)
     try:
-        pids = booted(server, 2)
+        pids = server.booted(2)
         assert worker_count(server, 2), server.log()
         for _ in range(20):
             assert get_body(server.port).startswith(b"pid ")
@@ -88,17 +80,17 @@ def test_workers_serve_and_only_they_open_rings(backend: str) -> None:
 def test_dead_worker_is_restarted_and_its_cause_logged(backend: str) -> None:
     server = start(backend, "--workers", "2")
     try:
-        first = booted(server, 2)
+        first = server.booted(2)
         os.kill(first[0], signal.SIGKILL)
         server.wait_for(rf"ERROR worker \d+ \(pid {first[0]}\) died \(killed by signal SIGKILL\)")
-        booted(server, 3)
+        server.booted(3)
         # A worker that exits on its own: its exit code is the cause.
         try:
             get_body(server.port, "/exit?code=7")
         except (OSError, EOFError, AssertionError):
             pass  # the worker died mid-request: that is the point
         server.wait_for(r"ERROR worker \d+ \(pid \d+\) died \(exit code 7\); starting a new one")
-        booted(server, 4)
+        server.booted(4)
         assert worker_count(server, 2), server.log()
         assert get_body(server.port).startswith(b"pid ")
         server.send(signal.SIGTERM)
@@ -123,7 +115,7 @@ def test_max_requests_recycles_workers_without_failing_a_request(
     )
     load = Load(server.port, clients=4, max_requests=400)
     try:
-        booted(server, 2)
+        server.booted(2)
         load.start()
         load.wait_completed(400, timeout=60)
         load.stop()
@@ -146,11 +138,11 @@ def test_max_requests_recycles_workers_without_failing_a_request(
 def test_ttin_and_ttou_change_the_worker_count(backend: str) -> None:
     server = start(backend, "--workers", "2")
     try:
-        booted(server, 2)
+        server.booted(2)
         assert worker_count(server, 2), server.log()
         server.send(signal.SIGTTIN)
         assert worker_count(server, 3), server.log()
-        booted(server, 3)
+        server.booted(3)
         for want in (2, 1):
             server.send(signal.SIGTTOU)
             assert worker_count(server, want), server.log()
@@ -169,11 +161,11 @@ def test_hup_restarts_workers_with_a_fresh_import(backend: str, tmp_path: Path) 
     version.write_text("v1")
     server = start(backend, "--workers", "2", env={"LIFECYCLE_VERSION_FILE": str(version)})
     try:
-        old = set(booted(server, 2))
+        old = set(server.booted(2))
         assert get_body(server.port, "/version") == b"v1"
         version.write_text("v2")
         server.send(signal.SIGHUP)
-        new = set(booted(server, 4)[2:])
+        new = set(server.booted(4)[2:])
         assert not new & old
         assert wait_until(lambda: set(server.children()) == new, timeout=MAX_WORKER_WAIT)
         for _ in range(10):
@@ -187,7 +179,7 @@ def test_hup_restarts_workers_with_a_fresh_import(backend: str, tmp_path: Path) 
 def test_reuse_port_gives_each_worker_its_own_socket(backend: str) -> None:
     server = start(backend, "--workers", "2", "--reuse-port")
     try:
-        pids = booted(server, 2)
+        pids = server.booted(2)
         # The kernel spreads connections over the workers' sockets by their 4-tuple hash.
         seen = {get_body(server.port) for _ in range(64)}
         assert seen == {f"pid {p}".encode() for p in pids}, seen
@@ -202,7 +194,7 @@ def test_a_shared_socket_spreads_connections_over_the_workers(backend: str) -> N
     # every connection in the first worker the kernel wakes (800 of 800 before this was fixed).
     server = start(backend, "--workers", "2")
     try:
-        pids = booted(server, 2)
+        pids = server.booted(2)
         assert worker_count(server, 2), server.log()
         served: Counter[bytes] = Counter()
         lock = threading.Lock()
