@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any
 
 import uringserve
-from server_util import request
-
-
-def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"hi"]
+from server_util import hello_app, request
 
 
 def test_shutdown_before_serve_forever_still_stops_it(backend: str) -> None:
-    with uringserve.Server(hello, port=0, io_uring=backend, access_log=False) as server:
+    with uringserve.Server(hello_app, port=0, io_uring=backend, access_log=False) as server:
         server.shutdown()
         done = threading.Event()
 
@@ -32,14 +25,14 @@ def test_shutdown_before_serve_forever_still_stops_it(backend: str) -> None:
 
 
 def test_serves_again_after_shutdown(backend: str) -> None:
-    with uringserve.Server(hello, port=0, io_uring=backend, access_log=False) as server:
+    with uringserve.Server(hello_app, port=0, io_uring=backend, access_log=False) as server:
         host, port = server.server_address[:2]
         for _ in range(2):
             t = threading.Thread(target=server.serve_forever, daemon=True)
             t.start()
             with socket.create_connection((host, port), timeout=5) as s:
                 resp, _ = request(s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert resp.body == b"hi"
+            assert resp.body == b"hello"
             server.shutdown()
             t.join(10)
             assert not t.is_alive()
