@@ -149,13 +149,11 @@ class InFlight:
         for i in range(5):
             resp = reader.read_response()
             assert resp.status == 200 and resp.body.endswith(f"/p{i}".encode()), resp
-        self.head.sendall(b"st: x\r\n\r\n")
-        resp, _ = read_one(self.head)
+        resp, _ = request(self.head, b"st: x\r\n\r\n", timeout=TIMEOUT)
         assert resp.status == 200 and resp.body.endswith(b"/half"), resp
         # Each connection lives on, now served by epoll.
         for sock in (self.big, self.body, self.pipelined, self.head):
-            sock.sendall(get("/again"))
-            resp, _ = read_one(sock)
+            resp, _ = request(sock, get("/again"), timeout=TIMEOUT)
             assert resp.status == 200 and resp.body.endswith(b"/again"), resp
             sock.close()
 
@@ -418,8 +416,7 @@ def test_a_graceful_stop_asked_during_the_switch_completes_on_epoll(
         assert wait_until(flag.exists, TIMEOUT), "the app never read the body"
         st.server.shutdown(wait=False, graceful=True)
         assert st.server.force_unhealthy("test: sick while stopping")
-        body.sendall(BODY[len(BODY) // 2 :])
-        resp, body_reader = read_one(body)
+        resp, body_reader = request(body, BODY[len(BODY) // 2 :], timeout=TIMEOUT)
         assert (resp.status, resp.body) == (200, digest(BODY))
         assert body_reader.at_eof(timeout=TIMEOUT), "the drain left a connection open"
         assert idle_reader.at_eof(timeout=TIMEOUT), "the drain left the idle connection open"
