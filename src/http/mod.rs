@@ -21,7 +21,7 @@
 //! Files, one concept each: `limits.rs`, `error.rs`, `request.rs` (head parsing),
 //! `target.rs` (request-target forms, percent-decoding), `fields.rs` (shared field-value
 //! grammar), `body.rs` (request-body framing, chunked decoding), `response.rs` (framing
-//! decision, head writing, chunk encoding, canned responses), `date.rs` (cached Date),
+//! decision, head writing, chunk encoding, canned responses), `date.rs` (cached Date and log time),
 //! `conn.rs` (the state machine); `tests/` holds the byte-table tests.
 
 mod body;
@@ -38,7 +38,7 @@ mod target;
 mod tests;
 
 pub use conn::{Connection, Drain, Event};
-pub use date::{http_date_now, HTTP_DATE_LEN};
+pub use date::{http_date_now, push_log_time_now, HTTP_DATE_LEN};
 pub use error::HttpError;
 pub use limits::Limits;
 pub use request::{Request, Version};

@@ -149,13 +149,6 @@ impl AccessFormat {
     }
 }
 
-/// The local time as `%(t)s` shows it: `[21/Nov/2026:09:13:24 +0000]`.
-pub fn local_time() -> String {
-    chrono::Local::now()
-        .format("[%d/%b/%Y:%H:%M:%S %z]")
-        .to_string()
-}
-
 enum Resolved {
     Atom(Atom),
     Pid,
@@ -394,17 +387,6 @@ mod tests {
              /root -"
         );
         assert_eq!(line("%(p)s", &facts), format!("<{}>", std::process::id()));
-    }
-
-    #[test]
-    fn local_time_has_the_common_log_shape() {
-        let t = local_time();
-        // [21/Nov/2026:09:13:24 +0000]
-        assert_eq!(t.len(), 28, "{t}");
-        assert!(
-            t.starts_with('[') && t.ends_with(']') && t.as_bytes()[21] == b' ',
-            "{t}"
-        );
     }
 
     #[test]

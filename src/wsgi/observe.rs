@@ -1,16 +1,15 @@
 //! What a finished request tells the access log and the metrics; with both off, a request
 //! costs nothing here, not even a clock read.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use crate::http::Request;
+use crate::http::{push_log_time_now, Request};
 use crate::metrics::Slot;
 
-use super::access_log::{local_time, AccessFacts, AccessFormat, DEFAULT_FORMAT};
+use super::access_log::{AccessFacts, AccessFormat, DEFAULT_FORMAT};
 use super::environ::{Peer, PeerHost};
 use super::start_response::{lock, Reply, SharedReply};
 
@@ -18,8 +17,6 @@ struct AccessLog {
     /// logging.Logger "uringserve.access".
     logger: Py<PyAny>,
     format: AccessFormat,
-    /// `%(t)s` for the current second: formatting the local time is not free.
-    clock: Mutex<(u64, String)>,
 }
 
 pub struct Observer {
@@ -54,11 +51,7 @@ impl Observer {
                 .import("logging")?
                 .call_method1("getLogger", ("uringserve.access",))?
                 .unbind();
-            Some(AccessLog {
-                logger,
-                format,
-                clock: Mutex::new((u64::MAX, String::new())),
-            })
+            Some(AccessLog { logger, format })
         } else {
             None
         };
@@ -125,26 +118,11 @@ impl Observer {
                 .collect(),
         };
         let mut line = String::with_capacity(160);
-        access
-            .format
-            .render(&facts, |out| access.now(out), &mut line);
+        access.format.render(&facts, push_log_time_now, &mut line);
         drop(facts);
         drop(reply);
         // A failing handler must not fail the request; logging reports its own errors.
         let _ = access.logger.call_method1(py, intern!(py, "info"), (line,));
-    }
-}
-
-impl AccessLog {
-    fn now(&self, out: &mut String) {
-        let second = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
-        if clock.0 != second {
-            *clock = (second, local_time());
-        }
-        out.push_str(&clock.1);
     }
 }
 
