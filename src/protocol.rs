@@ -214,19 +214,19 @@ impl HttpProtocol {
     fn wire<'py>(py: Python<'py>, session: &Session, reply: Vec<u8>) -> Bound<'py, PyBytes> {
         let mut guard = lock_io(&session.io);
         let io = &mut *guard;
-        if let Some(tls) = io.tls.as_deref_mut() {
-            let mut wire = reply;
-            tls.seal(&io.out, session.closing(), &mut wire);
-            io.clear_out();
-            return PyBytes::new(py, &wire);
-        }
-        if !reply.is_empty() {
-            let mut wire = reply;
-            wire.extend_from_slice(&io.out);
-            io.clear_out();
-            return PyBytes::new(py, &wire);
-        }
-        let bytes = PyBytes::new(py, &io.out);
+        let mut wire = reply;
+        let bytes = match io.tls.as_deref_mut() {
+            Some(tls) => {
+                tls.seal(&io.out, session.closing(), &mut wire);
+                PyBytes::new(py, &wire)
+            }
+            // The usual case: the output is copied straight into the bytes object.
+            None if wire.is_empty() => PyBytes::new(py, &io.out),
+            None => {
+                wire.extend_from_slice(&io.out);
+                PyBytes::new(py, &wire)
+            }
+        };
         io.clear_out();
         bytes
     }
