@@ -10,26 +10,23 @@ use crate::errors::MetricsError;
 use crate::hotpath::Hotpath;
 use crate::shm::SharedCounters;
 
-/// Upper bounds of the request-duration histogram, in seconds (Prometheus' defaults).
-const BUCKETS: [&str; 14] = [
-    "0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1", "2.5", "5",
-    "7.5", "10",
-];
-const BUCKET_NS: [u64; 14] = [
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    75_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    750_000_000,
-    1_000_000_000,
-    2_500_000_000,
-    5_000_000_000,
-    7_500_000_000,
-    10_000_000_000,
+/// Upper bounds of the request-duration histogram (Prometheus' defaults): the label as
+/// exposed, in seconds, beside the same bound in nanoseconds, so the two cannot disagree.
+const BUCKETS: [(&str, u64); 14] = [
+    ("0.005", 5_000_000),
+    ("0.01", 10_000_000),
+    ("0.025", 25_000_000),
+    ("0.05", 50_000_000),
+    ("0.075", 75_000_000),
+    ("0.1", 100_000_000),
+    ("0.25", 250_000_000),
+    ("0.5", 500_000_000),
+    ("0.75", 750_000_000),
+    ("1", 1_000_000_000),
+    ("2.5", 2_500_000_000),
+    ("5", 5_000_000_000),
+    ("7.5", 7_500_000_000),
+    ("10", 10_000_000_000),
 ];
 
 /// Where each value lives in a slot. Words from REQUESTS to FALLBACK are counters, folded
@@ -131,9 +128,9 @@ impl Slot {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.add(word::REQUESTS + class, 1);
         let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let bucket = BUCKET_NS
+        let bucket = BUCKETS
             .iter()
-            .position(|&bound| ns <= bound)
+            .position(|&(_, bound)| ns <= bound)
             .unwrap_or(BUCKETS.len());
         self.add(word::BUCKETS + bucket, 1);
         self.add(word::DURATION_NS, ns);
@@ -315,7 +312,7 @@ impl Block {
             "histogram",
         );
         let mut seen = 0u64;
-        for (i, bound) in BUCKETS.iter().enumerate() {
+        for (i, (bound, _)) in BUCKETS.iter().enumerate() {
             seen += total(word::BUCKETS + i);
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {seen}");
         }
