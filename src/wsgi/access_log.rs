@@ -10,7 +10,8 @@ pub const DEFAULT_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s 
 
 /// What one finished request tells the access log.
 pub trait AccessFacts {
-    fn peer(&self) -> &str;
+    /// Appends the peer's address as text ("-" when unknown); the log escapes it after.
+    fn write_peer(&self, out: &mut String);
     fn method(&self) -> &str;
     /// The request target as sent.
     fn target(&self) -> &str;
@@ -218,6 +219,10 @@ fn push_field(value: Option<&[u8]>, out: &mut String) {
 }
 
 /// Quotes and control characters would let a client forge log lines or fields.
+fn needs_escape(c: char) -> bool {
+    c == '"' || c == '\\' || c.is_control()
+}
+
 fn push_escaped(s: &str, out: &mut String) {
     for c in s.chars() {
         match c {
@@ -247,7 +252,16 @@ fn basic_auth_user(value: &[u8]) -> Option<String> {
 
 fn render_atom(atom: &Atom, f: &impl AccessFacts, now: &impl Fn(&mut String), out: &mut String) {
     match atom {
-        Atom::Host => push_escaped(f.peer(), out),
+        Atom::Host => {
+            // Written in place, then escaped only if it has to be: an address needs no
+            // string of its own per request.
+            let start = out.len();
+            f.write_peer(out);
+            if out[start..].chars().any(needs_escape) {
+                let raw = out.split_off(start);
+                push_escaped(&raw, out);
+            }
+        }
         Atom::Dash => out.push('-'),
         Atom::User => match f.request_header("authorization").and_then(basic_auth_user) {
             Some(user) => push_escaped(&user, out),
@@ -301,12 +315,13 @@ mod tests {
     use super::*;
 
     struct Facts {
+        peer: &'static str,
         headers: Vec<(&'static str, &'static [u8])>,
     }
 
     impl AccessFacts for Facts {
-        fn peer(&self) -> &str {
-            "127.0.0.1"
+        fn write_peer(&self, out: &mut String) {
+            out.push_str(self.peer);
         }
         fn method(&self) -> &str {
             "GET"
@@ -357,6 +372,7 @@ mod tests {
     #[test]
     fn default_format_is_the_combined_log_format() {
         let facts = Facts {
+            peer: "127.0.0.1",
             headers: vec![
                 ("User-Agent", b"curl/8"),
                 ("Referer", b"http://x/"),
@@ -368,13 +384,17 @@ mod tests {
             "127.0.0.1 - alice [21/Nov/2026:09:13:24 +0000] \"GET /a%20b?x=1 HTTP/1.1\" 200 42 \
              \"http://x/\" \"curl/8\""
         );
-        let bare = Facts { headers: vec![] };
+        let bare = Facts {
+            peer: "127.0.0.1",
+            headers: vec![],
+        };
         assert!(line(DEFAULT_FORMAT, &bare).ends_with("200 42 \"-\" \"-\""));
     }
 
     #[test]
     fn every_atom_renders() {
         let facts = Facts {
+            peer: "127.0.0.1",
             headers: vec![("X-Forwarded-For", b"10.0.0.1")],
         };
         assert_eq!(
@@ -392,9 +412,16 @@ mod tests {
     #[test]
     fn client_bytes_cannot_forge_quotes_or_lines() {
         let facts = Facts {
+            peer: "127.0.0.1",
             headers: vec![("User-Agent", b"a\"b\\c\x01\xff")],
         };
         assert_eq!(line("%(a)s", &facts), "a\\\"b\\\\c\\x01\\xff");
+        // The peer is written in place, then escaped like any other text.
+        let odd_peer = Facts {
+            peer: "x\"y\n",
+            headers: vec![],
+        };
+        assert_eq!(line("%(h)s %(h)s", &odd_peer), "x\\\"y\\x0a x\\\"y\\x0a");
     }
 
     #[test]
