@@ -21,3 +21,15 @@ def test_every_cli_option_reaches_the_server(monkeypatch: pytest.MonkeyPatch) ->
         assert server.config.access_log is False
         assert server.backend == "epoll"
         assert server.server_address[0] == "127.0.0.1"
+
+
+def test_every_flag_is_a_config_field() -> None:
+    # build_config() takes each Config field from the flag of the same dest: a flag whose
+    # dest is not a field would be parsed and then silently dropped.
+    import dataclasses
+
+    from uringserve.config import Config
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    dests = {a.dest for a in _parser()._actions} - {"help", "app", "bind", "capabilities"}
+    assert dests <= fields

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import logs
-from .config import LIMIT_OPTIONS, LOG_LEVELS, Config, options_from_env, parse_bind
+from .config import LOG_LEVELS, Config, options_from_env, parse_bind
 from .loader import check_spec, load_app
 from .metrics import MetricsBindError
 from .policy import Unsupported, capabilities
@@ -90,27 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace) -> Config:
     options = options_from_env()
-    cli = {
-        "host": args.host,
-        "port": args.port,
-        "io_uring": args.io_uring,
-        "backlog": args.backlog,
-        "log_level": args.log_level,
-        "access_log": args.access_log,
-        **{name: getattr(args, name) for name in LIMIT_OPTIONS},
-        "certfile": args.certfile,
-        "keyfile": args.keyfile,
-        "ca_certs": args.ca_certs,
-        "workers": args.workers,
-        "threads": args.threads,
-        "reuse_port": args.reuse_port,
-        "max_requests": args.max_requests,
-        "max_requests_jitter": args.max_requests_jitter,
-        "graceful_timeout": args.graceful_timeout,
-        "access_log_format": args.access_log_format,
-        "log_config": args.log_config,
-        "metrics_bind": args.metrics_bind,
-    }
+    # Every option's argparse dest is its Config field name; a field without a flag
+    # (queue_depth, n_bufs, buf_size) is set through its env var or Server(...) only.
+    cli = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
     if args.bind:
         cli.update(parse_bind(args.bind))
     options.update({k: v for k, v in cli.items() if v is not None})
