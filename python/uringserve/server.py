@@ -202,10 +202,11 @@ class Server:
             metrics=self._metrics_slot,
         )
 
-    def _conn_limits(self) -> dict[str, Any]:
-        """The timeouts and the connection cap, as both loops take them."""
+    def _loop_options(self) -> dict[str, Any]:
+        """The app threads, the timeouts and the connection cap, as both loops take them."""
         c = self.config
         return {
+            "threads": c.threads,
             "header_timeout": c.header_timeout,
             "keep_alive_timeout": c.keep_alive_timeout,
             "body_timeout": c.body_timeout,
@@ -299,8 +300,7 @@ class Server:
                     queue_depth=c.queue_depth,
                     n_bufs=c.n_bufs,
                     buf_size=c.buf_size,
-                    threads=c.threads,
-                    **self._conn_limits(),
+                    **self._loop_options(),
                     shared_listener=self._shared_listener,
                 )
                 self._native = native
@@ -312,18 +312,7 @@ class Server:
                 if handover is not None:
                     self._fall_back(app, handover, drain)
             else:
-                from .fallback import serve_epoll
-
-                serve_epoll(
-                    self.socket,
-                    app,
-                    self._wake_r,
-                    self._stop.is_set,
-                    threads=c.threads,
-                    **self._conn_limits(),
-                    **drain,
-                    metrics=slot,
-                )
+                self._serve_epoll(app, drain)
             self.requests = app.requests
         finally:
             if old_wakeup is not None:
@@ -332,11 +321,23 @@ class Server:
             self._drain.clear()
             self._stopped.set()
 
+    def _serve_epoll(self, app: Any, drain: dict[str, Any], adopt: Any = None) -> None:
+        from .fallback import serve_epoll
+
+        serve_epoll(
+            self.socket,
+            app,
+            self._wake_r,
+            self._stop.is_set,
+            **self._loop_options(),
+            **drain,
+            metrics=self._metrics_slot,
+            adopt=adopt,
+        )
+
     def _fall_back(self, app: Any, handover: Any, drain: dict[str, Any]) -> None:
         """Carries on with epoll after the ring turned unhealthy: same listener, same
         connections with their state."""
-        from .fallback import serve_epoll
-
         self.fallback_engaged += 1
         self._fell_back = True
         slot = self._metrics_slot
@@ -354,17 +355,7 @@ class Server:
             lost,
             self.fallback_engaged,
         )
-        serve_epoll(
-            self.socket,
-            app,
-            self._wake_r,
-            self._stop.is_set,
-            **self._conn_limits(),
-            **drain,
-            threads=self.config.threads,
-            metrics=slot,
-            adopt=handover,
-        )
+        self._serve_epoll(app, drain, handover)
 
     def force_unhealthy(self, reason: str | None = None, *, ring_usable: bool = True) -> bool:
         """Test hook: make the serving io_uring ring unhealthy, as an unexpected enter error
