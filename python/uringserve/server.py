@@ -242,31 +242,27 @@ class Server:
         """
         if self._metrics is not None:
             self._metrics.start()
+        # _stop is not cleared here: a shutdown() that came first (say, from a signal during
+        # start-up) must still stop this run. It is cleared when the run ends.
+        self._stopped.clear()
+        self._serving_thread = threading.get_ident()
         try:
             if self.config.workers:
                 from .arbiter import Arbiter
 
-                self._stopped.clear()
-                self._serving_thread = threading.get_ident()
-                try:
-                    Arbiter(self).run()
-                finally:
-                    self._stop.clear()
-                    self._drain.clear()
-                    self._stopped.set()
+                Arbiter(self).run()
                 return
             if self._metrics is not None and self._metrics_slot is None:
                 self._metrics_slot = self._metrics.slot(0)
             self._serve_here()
         finally:
+            self._stop.clear()
+            self._drain.clear()
+            self._stopped.set()
             if self._metrics is not None:
                 self._metrics.stop()
 
     def _serve_here(self) -> None:
-        # _stop is not cleared here: a shutdown() that came first (say, from a signal during
-        # start-up) must still stop this run. It is cleared when the run ends.
-        self._stopped.clear()
-        self._serving_thread = threading.get_ident()
         # On the main thread, every signal also writes a byte to the wake socket, so a loop
         # waiting in the kernel wakes and runs the handler (it may call shutdown()) at once.
         on_main = threading.current_thread() is threading.main_thread()
@@ -317,9 +313,6 @@ class Server:
         finally:
             if old_wakeup is not None:
                 signal.set_wakeup_fd(old_wakeup)
-            self._stop.clear()
-            self._drain.clear()
-            self._stopped.set()
 
     def _serve_epoll(self, app: Any, drain: dict[str, Any], adopt: Any = None) -> None:
         from .fallback import serve_epoll
