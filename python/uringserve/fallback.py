@@ -335,7 +335,6 @@ def serve_epoll(
     def adopt_all(handover: Handover) -> bool:
         """Takes the handed-over connections in; True if the ring consumed a wake-up."""
         now = time.monotonic()
-        timeout = dict(header=header_timeout, keep_alive=keep_alive_timeout, body=body_timeout)
         # Deadlines are kept in the order they fall due, so they are taken in that order.
         order = sorted(handover.connections, key=lambda h: h.due_in or 0.0)
         adopted = []
@@ -346,7 +345,7 @@ def serve_epoll(
             conns[sock.fileno()] = conn
             sel.register(sock, selectors.EVENT_READ, conn)
             if handed.timer is not None and handed.due_in is not None:
-                started = now + handed.due_in - timeout[handed.timer]
+                started = now + handed.due_in - timers.timeout[handed.timer]
                 timers.start(conn, handed.timer, started)
             adopted.append(conn)
         # Bytes that arrived before the hand-over may complete requests: answer them now.

@@ -20,20 +20,18 @@ KINDS = ("header", "keep_alive", "body")
 class Deadlines(Generic[K]):
     """Timed connections of one loop, keyed by any hashable (the loop uses its conn objects)."""
 
-    __slots__ = ("_kind_of", "_lists", "_timeout")
+    __slots__ = ("_kind_of", "_lists", "timeout")
 
     def __init__(self, header: float, keep_alive: float, body: float) -> None:
-        self._timeout = {"header": header, "keep_alive": keep_alive, "body": body}
+        # Each kind's timeout in seconds.
+        self.timeout = {"header": header, "keep_alive": keep_alive, "body": body}
         self._lists: dict[str, OrderedDict[K, float]] = {k: OrderedDict() for k in KINDS}
         self._kind_of: dict[K, str] = {}
-
-    def __len__(self) -> int:
-        return len(self._kind_of)
 
     def start(self, key: K, kind: str, now: float) -> None:
         """(Re)starts `key`'s deadline: `kind`'s timeout from `now`."""
         self.stop(key)
-        self._lists[kind][key] = now + self._timeout[kind]
+        self._lists[kind][key] = now + self.timeout[kind]
         self._kind_of[key] = kind
 
     def stop(self, key: K) -> None:
@@ -47,9 +45,6 @@ class Deadlines(Generic[K]):
             self.stop(key)
         elif timer != "keep":
             self.start(key, timer, now)
-
-    def kind_of(self, key: K) -> str | None:
-        return self._kind_of.get(key)
 
     def next_due(self) -> float | None:
         """When the earliest deadline falls due (time.monotonic() seconds)."""
