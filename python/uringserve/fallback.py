@@ -388,6 +388,8 @@ def serve_epoll(
                         returned(*pool.done.popleft())
                     continue
                 if key.fileobj is listener:
+                    # One clock read and one gauge update for the whole batch of accepts.
+                    accepted_at = time.monotonic()
                     for _ in range(ACCEPT_BATCH):
                         try:
                             sock, peer = listener.accept()
@@ -399,12 +401,12 @@ def serve_epoll(
                         conn = _Conn(sock, app, (str(peer[0]), int(peer[1])), body_timeout)
                         conns[sock.fileno()] = conn
                         sel.register(sock, selectors.EVENT_READ, conn)
-                        timers.start(conn, "header", time.monotonic())
-                        if metrics is not None:
-                            metrics.set_connections(len(conns))
+                        timers.start(conn, "header", accepted_at)
                         if len(conns) >= max_connections:
                             regulate_accepts()
                             break
+                    if metrics is not None:
+                        metrics.set_connections(len(conns))
                     continue
                 conn = key.data
                 if conn.sock.fileno() not in conns or conn.busy:
