@@ -115,17 +115,13 @@ def _coerce(name: str, kind: type, text: str) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected true or false")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected an integer") from None
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected a number") from None
-    return text
+    if kind is str:
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={text!r}: expected {expected}") from None
 
 
 # Env vars carry text; each option's annotation says what to turn it into. Options of other
