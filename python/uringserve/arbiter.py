@@ -73,11 +73,9 @@ def _probe_in_child() -> policy.Capabilities:
         finally:
             os._exit(status)
     os.close(w)
-    chunks = []
     with os.fdopen(r, "rb") as pipe:
-        chunks.append(pipe.read())
+        data = pipe.read()
     _, status = os.waitpid(pid, 0)
-    data = b"".join(chunks)
     if status == 0 and data:
         caps = pickle.loads(data)
         if isinstance(caps, policy.Capabilities):
@@ -93,13 +91,7 @@ def _probe_in_child() -> policy.Capabilities:
 def probe_without_rings() -> None:
     """Makes this process's capabilities() the answer of a probe run in a child, unless it
     already has one; forked workers still probe for themselves."""
-    with policy._lock:
-        cached = policy._cache
-        if cached is not None and cached[0] == os.getpid():
-            return
-    caps = _probe_in_child()
-    with policy._lock:
-        policy._cache = (os.getpid(), caps)
+    policy.cached_capabilities(_probe_in_child)
 
 
 @dataclass

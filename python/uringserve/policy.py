@@ -8,7 +8,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -489,6 +489,12 @@ if hasattr(os, "register_at_fork"):
 
 def capabilities() -> Capabilities:
     """Probe io_uring once per process and return the (cached) result."""
+    return cached_capabilities(_probe_process)
+
+
+def cached_capabilities(probe: Callable[[], Capabilities]) -> Capabilities:
+    """This process's cached capabilities; without any yet, `probe`'s answer becomes them
+    (the master of workers probes in a child process, see arbiter.probe_without_rings)."""
     global _cache
     pid = os.getpid()
     cached = _cache
@@ -498,7 +504,7 @@ def capabilities() -> Capabilities:
         cached = _cache
         if cached is not None and cached[0] == pid:
             return cached[1]
-        caps = _probe_process()
+        caps = probe()
         _cache = (pid, caps)
         return caps
 
