@@ -119,7 +119,6 @@ class Server:
         self.requests = 0
         # Set in a worker: called once when max_requests is reached and draining begins.
         self._on_retire: Callable[[], None] | None = None
-        self._max_requests = self.config.max_requests
         self._retiring = False
         self._log_startup = True
         # The native loop while it serves, for force_unhealthy() from other threads.
@@ -197,7 +196,7 @@ class Server:
             max_header_bytes=c.max_header_bytes,
             max_headers=c.max_headers,
             tls=self._tls,
-            max_requests=self._max_requests,
+            max_requests=c.max_requests,
             access_log_format=c.access_log_format,
             metrics=self._metrics_slot,
         )
@@ -223,7 +222,8 @@ class Server:
         """Asked by the serve loop after a wake-up, and once max_requests is reached."""
         if self._drain.is_set():
             return True
-        if self._max_requests and app.requests >= self._max_requests:
+        limit = self.config.max_requests
+        if limit and app.requests >= limit:
             if not self._retiring:
                 self._retiring = True
                 error_log.info(
@@ -283,7 +283,7 @@ class Server:
             c = self.config
             drain: dict[str, Any] = {
                 "draining": lambda: self._draining(app),
-                "max_requests": self._max_requests,
+                "max_requests": c.max_requests,
                 "graceful_timeout": c.graceful_timeout,
             }
             if self._use_uring:
