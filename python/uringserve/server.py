@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
@@ -20,6 +21,16 @@ if TYPE_CHECKING:
 WsgiCallable = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 error_log = logging.getLogger("uringserve.error")
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What the Server of a forked worker knows of its master (set by worker.py)."""
+
+    # The master's config: its number of workers and whether each binds its own socket.
+    master: Config
+    # Called once when max_requests is reached and draining begins.
+    on_retire: Callable[[], None]
 
 
 def _bind(config: Config, listen: bool = True) -> socket.socket:
@@ -117,10 +128,9 @@ class Server:
         self.ring_stats: dict[str, int] | None = None
         # Requests taken by the last serve_forever() in this process (either backend).
         self.requests = 0
-        # Set in a worker: called once when max_requests is reached and draining begins.
-        self._on_retire: Callable[[], None] | None = None
+        # Set in a worker's own Server (worker.py); None in a master or a lone server.
+        self._worker: WorkerRole | None = None
         self._retiring = False
-        self._log_startup = True
         # The native loop while it serves, for force_unhealthy() from other threads.
         self._native: Any = None
         # Times a sick ring handed this server's connections to epoll (live fallback).
@@ -189,7 +199,7 @@ class Server:
             str(host),
             int(port),
             access_log=c.access_log,
-            multiprocess=self._multiprocess,
+            multiprocess=self._worker is not None and self._worker.master.workers > 1,
             multithread=c.threads > 1,
             max_body_size=c.max_body_size,
             max_request_line=c.max_request_line,
@@ -212,12 +222,6 @@ class Server:
             "max_connections": c.max_connections,
         }
 
-    # True in the workers of a master with more than one (set by the worker).
-    _multiprocess = False
-    # True in workers that accept on the master's socket, with their siblings (set by the
-    # worker): the io_uring loop then arms one accept at a time, so connections spread.
-    _shared_listener = False
-
     def _draining(self, app: Any) -> bool:
         """Asked by the serve loop after a wake-up, and once max_requests is reached."""
         if self._drain.is_set():
@@ -229,8 +233,8 @@ class Server:
                 error_log.info(
                     "served %d requests (max_requests): stopping gracefully", app.requests
                 )
-                if self._on_retire is not None:
-                    self._on_retire()
+                if self._worker is not None:
+                    self._worker.on_retire()
             return True
         return False
 
@@ -278,7 +282,7 @@ class Server:
             slot.set_backend(self.backend)
         try:
             app = self._wsgi_app()
-            if self._log_startup:
+            if self._worker is None:  # a worker logs "booted"; its master logged this line
                 error_log.info(self.startup_line())
             c = self.config
             drain: dict[str, Any] = {
@@ -297,7 +301,9 @@ class Server:
                     n_bufs=c.n_bufs,
                     buf_size=c.buf_size,
                     **self._loop_options(),
-                    shared_listener=self._shared_listener,
+                    # A worker on the master's socket, with its siblings: the ring then arms
+                    # one accept at a time, so connections spread.
+                    shared_listener=self._worker is not None and not self._worker.master.reuse_port,
                 )
                 self._native = native
                 try:

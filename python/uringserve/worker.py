@@ -120,7 +120,7 @@ def _serve(
     mask: set[int | signal.Signals],
     metrics: MetricsSlot | None,
 ) -> int:
-    from .server import Server
+    from .server import Server, WorkerRole
 
     # The master's handlers must not run here; what is for the master only is ignored. A
     # stop that comes while the worker boots is kept and applied once it can serve.
@@ -163,10 +163,7 @@ def _serve(
     if c.reuse_port:
         master.socket.close()
     server._metrics_slot = metrics
-    server._multiprocess = c.workers > 1
-    server._shared_listener = not c.reuse_port
-    server._log_startup = False
-    server._on_retire = lambda: _note(notes, RETIRING)
+    server._worker = WorkerRole(c, lambda: _note(notes, RETIRING))
     install_stop_signals(server)
     for signum in early:
         signal.raise_signal(signum)
