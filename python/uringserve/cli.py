@@ -150,11 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         if config.tls and _is_tls_error(exc):
-            logging.getLogger("uringserve.error").error("TLS: %s", exc.strerror or exc)
+            error_log.error("TLS: %s", exc.strerror or exc)
             return 1
-        logging.getLogger("uringserve.error").error(
-            "cannot bind %s:%s: %s", config.host, config.port, exc
-        )
+        error_log.error("cannot bind %s:%s: %s", config.host, config.port, exc)
         return 1
 
     if not config.workers:
