@@ -365,10 +365,7 @@ class Server:
         if native is None:
             return False
         native.force_unhealthy(reason, ring_usable=ring_usable)
-        try:
-            self._wake_w.send(b"u")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending
+        self._wake()
         return True
 
     def shutdown(self, wait: bool = True, *, graceful: bool = False) -> None:
@@ -380,12 +377,16 @@ class Server:
         `graceful_timeout` seconds. A plain shutdown() during a graceful one cuts it short.
         """
         (self._drain if graceful else self._stop).set()
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending, or the server is closed
+        self._wake()
         if wait and threading.get_ident() != self._serving_thread:
             self._stopped.wait()
+
+    def _wake(self) -> None:
+        """Wakes the serving loop (or the master's) waiting in the kernel."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # full: a wake-up is already pending; closed: the server is closed
 
     def close(self) -> None:
         if self._metrics is not None:
