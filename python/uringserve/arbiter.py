@@ -163,8 +163,7 @@ class Arbiter:
         wake = self.server._wake_r
         wake.setblocking(False)
         while True:
-            self._reap()
-            self._read_notes()
+            self._reap()  # reads the workers' notes too
             self._check_stop()
             if self.stopping is None:
                 self._run_actions()
