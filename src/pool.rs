@@ -60,9 +60,9 @@ pub enum Input {
 #[derive(Default)]
 struct State {
     jobs: VecDeque<Job>,
+    /// Handed back, for the ring to take. A wake byte is on its way whenever this is not
+    /// empty: the push that fills it sends one, and the ring empties it after reading.
     done: Vec<Handback>,
-    /// A wake byte is on its way to the ring since it last took `done`.
-    told: bool,
     stopping: bool,
     /// Pool threads that have not exited yet.
     live: usize,
@@ -200,11 +200,11 @@ impl AppThreads {
     }
 
     fn push(&self, st: &mut State, what: Handback) {
-        st.done.push(what);
-        if !std::mem::replace(&mut st.told, true) {
+        if st.done.is_empty() {
             // A full socket already holds a wake-up the ring has yet to read.
             let _ = (&self.wake_tx).write(&[1]);
         }
+        st.done.push(what);
     }
 
     /// A turn ended: the ring takes its connection back, or, once the ring was given up,
@@ -253,7 +253,6 @@ impl AppThreads {
     pub fn take_done(&self, into: &mut Vec<Handback>) {
         let mut st = lock(&self.state);
         into.append(&mut st.done);
-        st.told = false;
     }
 
     /// From the ring thread: input arrived (or a connection ended) for a connection whose
