@@ -1,62 +1,15 @@
 //! The provided-buffer ring: its memory, registration, and handing buffers back to the kernel.
 
 use std::io;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
 
+use crate::shm::Mapping;
 use crate::uring::Uring;
 
 /// Kernel limit on provided-buffer ring entries.
 pub const MAX_BUFS: u32 = 32768;
-
-/// An anonymous private mapping, excluded from fork() children.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing aliases
-        // nothing; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: ptr..ptr+len is the mapping just created. DONTFORK keeps a forked child from
-        // sharing pages the kernel may still write into for the parent.
-        let rc = unsafe { libc::madvise(ptr, len, libc::MADV_DONTFORK) };
-        let mapping = Mapping {
-            ptr: NonNull::new(ptr.cast()).expect("mmap returned NULL"),
-            len,
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(mapping)
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping is ours and unmapped once; BufRing leaks it instead of dropping it
-        // whenever the kernel might still use it.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
-    }
-}
 
 /// Where each buffer is: lent to the kernel, or handed to the caller by a completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,8 +48,8 @@ impl BufRing {
     /// Sizes are validated by the caller (powers of two, within kernel limits).
     pub fn new(n_bufs: u32, buf_size: u32, group: u16) -> io::Result<BufRing> {
         let ring_len = page_round(n_bufs as usize * std::mem::size_of::<BufRingEntry>());
-        let entries = Mapping::new(ring_len)?;
-        let buffers = Mapping::new(page_round(n_bufs as usize * buf_size as usize))?;
+        let entries = Mapping::private(ring_len)?;
+        let buffers = Mapping::private(page_round(n_bufs as usize * buf_size as usize))?;
         let mut ring = BufRing {
             entries,
             buffers,
@@ -133,7 +86,7 @@ impl BufRing {
     }
 
     pub fn register(&mut self, uring: &Uring) -> io::Result<()> {
-        let addr = self.entries.ptr.as_ptr() as u64;
+        let addr = self.entries.as_ptr() as u64;
         // SAFETY: the entry ring lives in self.entries, which stays mapped until unregister()
         // or, if that is never reached, is leaked rather than unmapped (see leak()).
         unsafe {
@@ -194,7 +147,7 @@ impl BufRing {
         let offset = bid as usize * self.buf_size as usize;
         // SAFETY: bid < n_bufs and len <= buf_size keep the slice inside the buffers mapping;
         // the buffer is held by the caller, so the kernel is not writing into it.
-        Ok(unsafe { std::slice::from_raw_parts(self.buffers.ptr.as_ptr().add(offset), len) })
+        Ok(unsafe { std::slice::from_raw_parts(self.buffers.as_ptr().add(offset), len) })
     }
 
     /// Gives a held buffer back to the kernel.
@@ -209,11 +162,11 @@ impl BufRing {
     fn lend(&mut self, bid: u16) {
         let mask = self.n_bufs as u16 - 1;
         let slot = (self.tail & mask) as usize;
-        let base = self.entries.ptr.as_ptr().cast::<BufRingEntry>();
+        let base = self.entries.as_ptr().cast::<BufRingEntry>();
         // SAFETY: slot < n_bufs, inside the entries mapping. The kernel only reads entries
         // between its head and the published tail, and this slot is past the published tail.
         let entry = unsafe { &mut *base.add(slot) };
-        let addr = self.buffers.ptr.as_ptr() as u64 + bid as u64 * self.buf_size as u64;
+        let addr = self.buffers.as_ptr() as u64 + bid as u64 * self.buf_size as u64;
         entry.set_addr(addr);
         entry.set_len(self.buf_size);
         entry.set_bid(bid);
@@ -224,7 +177,7 @@ impl BufRing {
 
     /// Makes every lent entry visible to the kernel.
     fn publish(&self) {
-        let base = self.entries.ptr.as_ptr().cast::<BufRingEntry>();
+        let base = self.entries.as_ptr().cast::<BufRingEntry>();
         // SAFETY: the tail field overlays the first entry's reserved bytes and is u16-aligned;
         // the kernel reads it with acquire ordering, so a release store orders the entries
         // written above before the new tail.

@@ -1,13 +1,77 @@
-//! A block of atomic u64 counters in anonymous shared memory: mapped before the workers are
-//! forked, so each of them and the master see the same cells without a syscall or a lock.
+//! Anonymous memory mappings, and on them a block of atomic u64 counters in shared memory:
+//! mapped before the workers are forked, so each of them and the master see the same cells
+//! without a syscall or a lock.
 
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 
+/// An anonymous mapping, unmapped on drop (unless leaked with its owner).
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    /// Private, and excluded from fork() children: for memory the kernel may write into for
+    /// this process (the provided buffers of a ring).
+    pub fn private(len: usize) -> io::Result<Mapping> {
+        let mapping = Mapping::new(len, libc::MAP_PRIVATE)?;
+        // SAFETY: ptr..ptr+len is the mapping just created. DONTFORK keeps a forked child from
+        // sharing pages the kernel may still write into for the parent.
+        let rc = unsafe { libc::madvise(mapping.ptr.as_ptr().cast(), len, libc::MADV_DONTFORK) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(mapping)
+    }
+
+    /// Shared (not copy-on-write) with every process forked after it was made.
+    pub fn shared(len: usize) -> io::Result<Mapping> {
+        Mapping::new(len, libc::MAP_SHARED)
+    }
+
+    fn new(len: usize, share: libc::c_int) -> io::Result<Mapping> {
+        // SAFETY: an anonymous mapping at an address of the kernel's choosing aliases nothing;
+        // the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                share | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// The start of the mapping: page-aligned, zero-filled when made.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours and unmapped once; an owner the kernel might still
+        // write into (BufRing) leaks it instead of dropping it. No reference into it
+        // outlives its owner.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
 /// `len` counters, zeroed, shared with every process forked after it was made.
 pub struct SharedCounters {
-    cells: NonNull<AtomicU64>,
+    map: Mapping,
     len: usize,
 }
 
@@ -23,42 +87,17 @@ impl SharedCounters {
             .checked_mul(std::mem::size_of::<AtomicU64>())
             .filter(|&b| b > 0)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks: it aliases no
-        // Rust object. MAP_SHARED keeps it shared (not copy-on-write) across fork.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let cells = NonNull::new(ptr.cast::<AtomicU64>())
-            .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
-        Ok(SharedCounters { cells, len })
+        Ok(SharedCounters {
+            map: Mapping::shared(bytes)?,
+            len,
+        })
     }
 
     /// Every counter; the kernel zeroed them, and a page is aligned for AtomicU64.
     pub fn cells(&self) -> &[AtomicU64] {
-        // SAFETY: `cells` points to `len` page-aligned, zero-initialised u64s mapped for as
-        // long as `self` lives; AtomicU64 has u64's layout, and all access is atomic.
-        unsafe { std::slice::from_raw_parts(self.cells.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for SharedCounters {
-    fn drop(&mut self) {
-        let bytes = self.len * std::mem::size_of::<AtomicU64>();
-        // SAFETY: the mapping made in `new`, unmapped once; no reference from `cells()` can
-        // outlive `self`.
-        unsafe {
-            libc::munmap(self.cells.as_ptr().cast(), bytes);
-        }
+        // SAFETY: the mapping holds `len` page-aligned, zero-initialised u64s and stays mapped
+        // for as long as `self` lives; AtomicU64 has u64's layout, and all access is atomic.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.len) }
     }
 }
 
