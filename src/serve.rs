@@ -410,7 +410,7 @@ impl Core {
         if let Some(handed) = self.handed.as_mut() {
             // The ring was given up during the turn: the output waits for epoll.
             if let Some(conn) = handed.conns.iter_mut().find(|c| c.fd == fd) {
-                let out = wire_out(&mut self.hp, &mut lock_io(&conn.io), closing);
+                let out = wire_out(&mut self.hp, &mut lock_io(&conn.state.io), closing);
                 conn.unsent.extend_from_slice(&out);
                 self.hp.recycle(out);
             }
@@ -748,11 +748,36 @@ impl Core {
 /// One connection handed over, before it is wrapped for Python.
 struct HandedConn {
     fd: i32,
-    io: SharedIo,
     unsent: Vec<u8>,
     timer: Option<(&'static str, f64)>,
     overdue: bool,
     state: ConnState,
+}
+
+impl HandedConn {
+    /// Connection `fd` with its working state `w`, as the adopting loop takes it.
+    fn new(
+        fd: i32,
+        w: Working,
+        phase: Phase,
+        unsent: Vec<u8>,
+        timer: Option<(&'static str, f64)>,
+        overdue: bool,
+        turn: Option<Arc<AppThreads>>,
+    ) -> HandedConn {
+        HandedConn {
+            fd,
+            unsent,
+            timer,
+            overdue,
+            state: ConnState {
+                io: w.io,
+                session: w.session,
+                phase,
+                turn,
+            },
+        }
+    }
 }
 
 /// What the loop hands over when its ring turns unhealthy, before it is wrapped for Python.
@@ -827,19 +852,15 @@ impl Core {
                     }
                 }
                 lock_io(&w.io).owed = owed;
-                conns.push(HandedConn {
+                conns.push(HandedConn::new(
                     fd,
-                    io: w.io.clone(),
-                    unsent: Vec::new(),
+                    w,
+                    conn.phase,
+                    Vec::new(),
                     timer,
-                    overdue: conn.overdue,
-                    state: ConnState {
-                        io: w.io,
-                        session: w.session,
-                        phase: conn.phase,
-                        turn: threads.clone(),
-                    },
-                });
+                    conn.overdue,
+                    threads.clone(),
+                ));
                 continue;
             }
             // A resting connection gets its working state back: epoll keeps one per connection.
@@ -862,19 +883,15 @@ impl Core {
                 to_close.push(fd);
                 continue;
             }
-            conns.push(HandedConn {
+            conns.push(HandedConn::new(
                 fd,
-                io: w.io.clone(),
+                w,
+                conn.phase,
                 unsent,
                 timer,
-                overdue: conn.overdue,
-                state: ConnState {
-                    io: w.io,
-                    session: w.session,
-                    phase: conn.phase,
-                    turn: None,
-                },
-            });
+                conn.overdue,
+                None,
+            ));
         }
         // The turns still running carry on, straight on their sockets.
         drop(halted);
@@ -929,7 +946,7 @@ impl Core {
         handed
             .conns
             .iter_mut()
-            .find(|c| c.fd == fd && Arc::ptr_eq(&c.io, io))
+            .find(|c| c.fd == fd && Arc::ptr_eq(&c.state.io, io))
     }
 
     /// Sends to a handed-over connection directly, while the session that runs on it
