@@ -573,17 +573,19 @@ impl Core {
                 continue;
             }
             let blocked = conn.unsent > SEND_HIGH_WATER;
-            let buffered = conn.working().map_or(0, |w| lock_io(&w.io).conn.buffered());
+            // One lock of its I/O state per connection and turn serves both uses below.
+            let work = conn.working().map(|w| (w, lock_io(&w.io)));
+            let buffered = work.as_ref().map_or(0, |(_, io)| io.conn.buffered());
             let flooding = blocked && buffered > INPUT_CAP_WHILE_BLOCKED;
             if conn.broken.is_some() || flooding || (conn.closing && conn.sends_in_flight == 0) {
+                drop(work);
                 self.close(fd)?;
             } else if blocked {
                 // Back-pressure: answer nothing more until the peer reads what it was sent;
                 // the send completion that drains it queues the connection again.
-            } else if let Some(w) = conn.working() {
+            } else if let Some((w, mut io)) = work {
                 // Output goes into a recycled buffer lent for this turn only, so an idle
                 // connection holds none.
-                let mut io = lock_io(&w.io);
                 if io.out.capacity() == 0 {
                     io.out = self.hp.spare_buffer();
                 }
