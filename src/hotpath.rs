@@ -1166,6 +1166,19 @@ mod tests {
         }
     }
 
+    /// An engine with a multishot accept on a new listener, and one connection it accepted.
+    fn connected(
+        queue_depth: u32,
+        n_bufs: u32,
+        buf_size: u32,
+    ) -> (Hotpath, TcpListener, i32, TcpStream) {
+        let mut hp = Hotpath::new(queue_depth, n_bufs, buf_size).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
+        let (fd, client) = accept_one(&mut hp, &listener);
+        (hp, listener, fd, client)
+    }
+
     fn accepted(hp: &mut Hotpath, wait: Duration) -> Vec<i32> {
         let done = next(hp, Instant::now() + wait);
         done.iter()
@@ -1236,10 +1249,7 @@ mod tests {
 
     /// A send the peer does not read, then received bytes, then an evacuation.
     fn evacuation_case(dead: bool) -> (Hotpath, i32, TcpStream, Vec<u8>) {
-        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
-        let (fd, mut client) = accept_one(&mut hp, &listener);
+        let (mut hp, _listener, fd, mut client) = connected(64, 8, 4096);
         hp.submit_recv_multishot(fd).unwrap();
         let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
         hp.submit_send(fd, payload.clone()).unwrap();
@@ -1329,10 +1339,7 @@ mod tests {
 
     #[test]
     fn a_send_the_kernel_never_took_comes_back_whole_from_a_dead_ring() {
-        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
-        let (fd, _client) = accept_one(&mut hp, &listener);
+        let (mut hp, _listener, fd, _client) = connected(64, 8, 4096);
         // Pushed to the SQ, never submitted: the ring dies before the next enter.
         hp.submit_send(fd, b"response".to_vec()).unwrap();
         hp.mark_unhealthy("test".into());
@@ -1374,10 +1381,7 @@ mod tests {
 
     #[test]
     fn a_paused_recv_leaves_input_in_the_socket_until_resumed() {
-        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
-        let (fd, mut client) = accept_one(&mut hp, &listener);
+        let (mut hp, _listener, fd, mut client) = connected(64, 8, 4096);
         hp.submit_recv_multishot(fd).unwrap();
         client.write_all(b"first").unwrap();
         assert_eq!(receive(&mut hp, 5), b"first");
@@ -1435,10 +1439,7 @@ mod tests {
 
     #[test]
     fn enobufs_rearms_and_loses_nothing() {
-        let mut hp = Hotpath::new(64, 2, 1024).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
-        let (fd, mut client) = accept_one(&mut hp, &listener);
+        let (mut hp, _listener, fd, mut client) = connected(64, 2, 1024);
         hp.submit_recv_multishot(fd).unwrap();
         let payload: Vec<u8> = (0..32 * 1024).map(|i| (i * 7 % 251) as u8).collect();
         client.write_all(&payload).unwrap();
@@ -1471,10 +1472,7 @@ mod tests {
 
     #[test]
     fn short_send_is_resubmitted_in_order() {
-        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
-        let (fd, mut client) = accept_one(&mut hp, &listener);
+        let (mut hp, _listener, fd, mut client) = connected(64, 8, 4096);
         let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
         hp.submit_send(fd, payload.clone()).unwrap();
         let reader = std::thread::spawn(move || {
