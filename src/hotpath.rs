@@ -512,14 +512,7 @@ impl Hotpath {
             // Starved: `rearm_starved` passes it over while paused.
             return Ok(());
         };
-        let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
-        self.pushed(res)?;
-        // Submitted at once: the recv's slot must not be reaped and reused by another op
-        // before the kernel sees the cancel, which would then hit that op.
-        if let Err(e) = self.uring.submit() {
-            self.enter_failed(e)?;
-        }
-        Ok(())
+        self.cancel_slot(slot)
     }
 
     /// Receives on `fd` again after `pause_recv`.
@@ -560,8 +553,7 @@ impl Hotpath {
             return self.arm_accept(fd);
         };
         if mode == Accepting::Paused || (mode == Accepting::One && was == Accepting::Many) {
-            let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
-            return self.pushed(res);
+            return self.cancel_slot(slot);
         }
         Ok(())
     }
@@ -672,8 +664,7 @@ impl Hotpath {
         if let Some(slot) = state.accept_slot {
             if matches!(self.ops.get(slot), Some(op) if op.tag.kind == OpKind::AcceptRetry) {
                 // A pause timer is not bound to the fd: cancel it by its user_data.
-                let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
-                self.pushed(res)?;
+                self.cancel_slot(slot)?;
             }
         }
         Ok(CancelTicket {
@@ -713,6 +704,18 @@ impl Hotpath {
         }
     }
 
+    /// Cancels op `slot` by its user_data, submitted at once: once its final CQE is reaped
+    /// (even later in the batch being handled now) the slot may go to another op, which a
+    /// cancel still waiting in the SQ would then hit.
+    fn cancel_slot(&mut self, slot: u32) -> RingResult<()> {
+        let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
+        self.pushed(res)?;
+        if let Err(e) = self.uring.submit() {
+            self.enter_failed(e)?;
+        }
+        Ok(())
+    }
+
     /// Cancels ops of an earlier file whose fd number the kernel has just reused. The number
     /// now names a new file, so cancel by user_data, never by fd.
     fn retire_stale(&mut self, fd: i32) {
@@ -722,8 +725,7 @@ impl Hotpath {
                 .into_iter()
                 .flatten()
             {
-                let res = self.uring.push_cancel_user_data(slot as u64, UD_INTERNAL);
-                let _ = self.pushed(res);
+                let _ = self.cancel_slot(slot);
             }
         }
     }
@@ -1244,6 +1246,26 @@ mod tests {
         for fd in fds {
             close_fd(fd);
         }
+        hp.teardown(true);
+    }
+
+    #[test]
+    fn a_cancel_by_slot_is_submitted_before_the_slot_can_be_reused() {
+        let mut hp = Hotpath::new(64, 8, 4096).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let lfd = listener.as_raw_fd();
+        hp.set_accepting(lfd, Accepting::Many).unwrap();
+        hp.enter(0, None).unwrap();
+        assert_eq!(hp.uring.sq_pending(), 0);
+        // Left in the SQ, the cancel would meet whatever op takes the accept's slot after its
+        // final CQE is reaped; it must reach the kernel now.
+        hp.set_accepting(lfd, Accepting::Paused).unwrap();
+        assert_eq!(hp.uring.sq_pending(), 0, "the cancel waits in the SQ");
+        assert!(hp
+            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
+                .ops_in_flight()
+                == 0)
+            .unwrap());
         hp.teardown(true);
     }
 
