@@ -63,8 +63,6 @@ struct Conn {
     sends_in_flight: u32,
     /// Response bytes handed to the ring and not yet confirmed sent.
     unsent: u32,
-    /// Receive events so far: a wait for body bytes ends when this moves.
-    received: u32,
     /// Why the connection broke (an errno): it is closed without answering further.
     broken: Option<i32>,
     /// The session is over; the fd closes once its sends complete.
@@ -288,7 +286,6 @@ impl Core {
             state,
             sends_in_flight: 0,
             unsent: 0,
-            received: 0,
             broken: None,
             closing: false,
             queued: false,
@@ -370,7 +367,6 @@ impl Core {
                 conn.broken = Some(-n);
             }
         }
-        conn.received = conn.received.wrapping_add(1);
         self.input_moved |= conn.busy();
         mark(&mut self.queue, done.fd, conn);
         Ok(())
@@ -693,9 +689,12 @@ impl Core {
         if self.handed.is_some() {
             return Ok(true);
         }
-        let Some(start) = self.conn_of(fd, io).map(|c| c.received) else {
+        // A wait for body bytes ends when the connection's receive count moves (a failed
+        // receive breaks the connection, which ends it too).
+        if self.conn_of(fd, io).is_none() {
             return Err(BodyError::Disconnected(None));
-        };
+        }
+        let start = lock_io(io).arrivals;
         let wait = self.timers.timeouts().body;
         let deadline = Instant::now() + wait;
         loop {
@@ -709,7 +708,7 @@ impl Core {
             match self.conn_of(fd, io) {
                 None => return Err(BodyError::Disconnected(None)),
                 Some(c) if c.broken.is_some() => return Err(BodyError::Disconnected(c.broken)),
-                Some(c) if c.received != start => return Ok(false),
+                Some(_) if lock_io(io).arrivals != start => return Ok(false),
                 Some(_) => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
