@@ -32,6 +32,8 @@ pub enum OpKind {
     AcceptRetry,
     Recv,
     Send,
+    /// A multishot poll for POLLIN: a doorbell other threads ring (an eventfd).
+    Poll,
     /// The ring's one timer (see `set_timer`); its CQEs stay inside the engine.
     Timer,
 }
@@ -42,6 +44,7 @@ impl OpKind {
             OpKind::Accept | OpKind::AcceptRetry => "accept",
             OpKind::Recv => "recv",
             OpKind::Send => "send",
+            OpKind::Poll => "poll",
             OpKind::Timer => "timer",
         }
     }
@@ -370,6 +373,12 @@ impl Hotpath {
         self.pushed_op(slot, res)
     }
 
+    fn arm_poll(&mut self, fd: i32) -> RingResult<()> {
+        let slot = self.new_op(OpKind::Poll, fd);
+        let res = self.uring.push_poll_multishot(fd, slot as u64);
+        self.pushed_op(slot, res)
+    }
+
     /// Starts the next queued send on `fd`, if none is in flight. Empty sends complete at once.
     fn pump_send(&mut self, fd: i32) -> RingResult<()> {
         loop {
@@ -462,6 +471,15 @@ impl Hotpath {
             });
         }
         self.arm_recv(fd)
+    }
+
+    /// Watches `fd` (an eventfd another thread writes to) with a multishot poll: a Poll
+    /// completion follows every write that comes after the last one reaped. The engine
+    /// re-arms it if the kernel ends it; cancelled with everything else at teardown. The fd's
+    /// counter is never read: the poll is edge-triggered, so it needs no reset to fire again.
+    pub fn submit_poll_multishot(&mut self, fd: i32) -> RingResult<()> {
+        self.check_healthy()?;
+        self.arm_poll(fd)
     }
 
     pub fn submit_send(&mut self, fd: i32, data: Vec<u8>) -> RingResult<()> {
@@ -794,6 +812,7 @@ impl Hotpath {
             OpKind::AcceptRetry => self.on_accept_retry(op, slot, stale),
             OpKind::Recv => self.on_recv(op, slot, cqe, stale),
             OpKind::Send => self.on_send(op, send, cqe, stale),
+            OpKind::Poll => self.on_poll(op, cqe, stale),
         }
     }
 
@@ -963,6 +982,38 @@ impl Hotpath {
             buf_id: None,
             more,
         });
+        Ok(())
+    }
+
+    fn on_poll(&mut self, op: OpTag, cqe: Cqe, stale: bool) -> RingResult<()> {
+        if stale || cqe.result == -libc::ECANCELED {
+            return Ok(());
+        }
+        if cqe.result < 0 {
+            // Only a bug makes a poll on our own doorbell fail; its wake-ups would be lost.
+            self.mark_unhealthy(format!(
+                "poll on fd {} failed: {}",
+                op.fd,
+                errno_name(-cqe.result)
+            ));
+            return Err(RingError::Unhealthy(
+                self.unhealthy.clone().unwrap_or_default(),
+            ));
+        }
+        let more = cqe.more();
+        // Ended by the kernel (an overflowing CQ ends multishots): keep one armed, since a
+        // wake-up lost here would leave the other threads' work waiting for good.
+        let rearm = !more && self.unhealthy.is_none();
+        self.ready.push_back(Completion {
+            op: OpKind::Poll,
+            fd: op.fd,
+            result: cqe.result,
+            buf_id: None,
+            more: more || rearm,
+        });
+        if rearm {
+            self.arm_poll(op.fd)?;
+        }
         Ok(())
     }
 
@@ -1179,6 +1230,27 @@ mod tests {
         hp.submit_accept_multishot(listener.as_raw_fd()).unwrap();
         let (fd, client) = accept_one(&mut hp, &listener);
         (hp, listener, fd, client)
+    }
+
+    #[test]
+    fn a_doorbell_written_from_another_thread_wakes_the_ring_each_time() {
+        let mut hp = Hotpath::new(8, 8, 4096).unwrap();
+        let doorbell = std::fs::File::from(crate::uring::eventfd().unwrap());
+        hp.submit_poll_multishot(doorbell.as_raw_fd()).unwrap();
+        for round in 0..3 {
+            let ring = doorbell.try_clone().unwrap();
+            let writer = std::thread::spawn(move || (&ring).write_all(&1u64.to_ne_bytes()));
+            let done = next(&mut hp, Instant::now() + Duration::from_secs(5));
+            writer.join().unwrap().unwrap();
+            assert!(!done.is_empty(), "round {round}: the write woke nothing");
+            for c in &done {
+                assert_eq!((c.op, c.fd), (OpKind::Poll, doorbell.as_raw_fd()));
+                assert!(c.result & libc::POLLIN as i32 != 0 && c.more, "{c:?}");
+            }
+        }
+        // No user memory is involved, and the poll goes with the rest at teardown.
+        assert!(hp.shut_down(Duration::from_secs(5)));
+        assert_eq!(hp.ops_in_flight(), 0);
     }
 
     fn accepted(hp: &mut Hotpath, wait: Duration) -> Vec<i32> {

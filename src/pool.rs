@@ -1,13 +1,13 @@
 //! The app thread pool of the io_uring loop (`threads > 1`): sessions run on pool threads,
-//! and what they produce goes back to the ring thread through a wake socket the ring reads
+//! and what they produce goes back to the ring thread through an eventfd the ring polls
 //! itself, so only the ring's owner thread ever submits to it or enters it. Once the ring is
 //! given up (live fallback), turns still running do their I/O on their sockets directly and
 //! their results wait for the loop that adopted their connections.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use crate::errors::BodyError;
 use crate::protocol::PyWsgiApp;
 use crate::session::Session;
 use crate::transport::{lock_io, SharedIo, Transport};
+use crate::uring::eventfd;
 use crate::working::lock_session;
 
 /// One connection's turn: its session runs until it needs more input or is over.
@@ -60,8 +61,8 @@ pub enum Input {
 #[derive(Default)]
 struct State {
     jobs: VecDeque<Job>,
-    /// Handed back, for the ring to take. A wake byte is on its way whenever this is not
-    /// empty: the push that fills it sends one, and the ring empties it after reading.
+    /// Handed back, for the ring to take. A wake-up is on its way whenever this is not
+    /// empty: the push that fills it rings the doorbell, and the ring empties it after.
     done: Vec<Handback>,
     stopping: bool,
     /// Pool threads that have not exited yet.
@@ -82,8 +83,8 @@ pub struct AppThreads {
     input_cv: Condvar,
     /// After the ring was given up: the end of each turn still running is announced here.
     turn_cv: Condvar,
-    wake_rx: UnixStream,
-    wake_tx: UnixStream,
+    /// The eventfd the ring polls (multishot): each write posts it a completion.
+    doorbell: File,
     body_timeout: Duration,
 }
 
@@ -93,23 +94,20 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl AppThreads {
     pub fn new(body_timeout: Duration) -> io::Result<Arc<AppThreads>> {
-        let (wake_rx, wake_tx) = UnixStream::pair()?;
-        wake_rx.set_nonblocking(true)?;
-        wake_tx.set_nonblocking(true)?;
+        let doorbell = File::from(eventfd()?);
         Ok(Arc::new(AppThreads {
             state: Mutex::new(State::default()),
             jobs_cv: Condvar::new(),
             input_cv: Condvar::new(),
             turn_cv: Condvar::new(),
-            wake_rx,
-            wake_tx,
+            doorbell,
             body_timeout,
         }))
     }
 
-    /// The socket the ring keeps a multishot recv on: a byte means handbacks are waiting.
+    /// The eventfd the ring keeps a multishot poll on: a wake-up means handbacks are waiting.
     pub fn wake_fd(&self) -> i32 {
-        self.wake_rx.as_raw_fd()
+        self.doorbell.as_raw_fd()
     }
 
     /// Starts `n` threads that run sessions of `app`, each attached to Python for its life
@@ -201,8 +199,8 @@ impl AppThreads {
 
     fn push(&self, st: &mut State, what: Handback) {
         if st.done.is_empty() {
-            // A full socket already holds a wake-up the ring has yet to read.
-            let _ = (&self.wake_tx).write(&[1]);
+            // Only EAGAIN can fail this, at a count of 2^64 - 2: unreachable by far.
+            let _ = (&self.doorbell).write(&1u64.to_ne_bytes());
         }
         st.done.push(what);
     }

@@ -149,7 +149,8 @@ struct Core {
     handed: Option<HandoverData>,
     /// The app threads (`threads > 1`); without it sessions run inline on this thread.
     app_threads: Option<Arc<AppThreads>>,
-    /// The pool's wake socket got a byte: turns or early sends were handed back.
+    /// The pool rang its doorbell (the only fd the ring polls): turns or early sends were
+    /// handed back.
     pool_woken: bool,
     /// A busy connection received something: body reads on the pool are told.
     input_moved: bool,
@@ -253,6 +254,7 @@ impl Core {
                 OpKind::Accept if done.result >= 0 => self.open(done.result)?,
                 OpKind::Recv => self.on_recv(done)?,
                 OpKind::Send => self.on_send(done),
+                OpKind::Poll => self.pool_woken = true,
                 // Accept errors are re-armed (or paused on EMFILE) by the engine; the timer
                 // only wakes the wait.
                 OpKind::Accept | OpKind::AcceptRetry | OpKind::Timer => {}
@@ -320,12 +322,6 @@ impl Core {
         let Some(conn) = self.conns.get_mut(done.fd) else {
             if done.fd == self.wake {
                 self.woken = true;
-            } else if self
-                .app_threads
-                .as_ref()
-                .is_some_and(|p| p.wake_fd() == done.fd)
-            {
-                self.pool_woken = true;
             }
             if let Some(bid) = done.buf_id {
                 self.hp.release_buffer(bid.into())?;
@@ -1292,7 +1288,7 @@ impl UringServer {
             1 => None,
             _ => Some(
                 AppThreads::new(timeouts.body).map_err(|source| RingError::Setup {
-                    what: "the app thread pool's wake socket",
+                    what: "the app thread pool's eventfd",
                     source,
                 })?,
             ),
@@ -1394,7 +1390,7 @@ impl UringServer {
             core.regulate_accepts()?;
             core.hp.submit_recv_multishot(wake)?;
             if let Some(pool) = core.app_threads.clone() {
-                core.hp.submit_recv_multishot(pool.wake_fd())?;
+                core.hp.submit_poll_multishot(pool.wake_fd())?;
                 if let Err(source) = pool.start(py, self.threads, &self.app) {
                     // Those that did start exit at once: no job can reach them.
                     pool.stop(Duration::ZERO);

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
@@ -196,7 +196,7 @@ impl Uring {
     /// Pushes an SQE that carries no pointer into user memory.
     fn push_plain(&mut self, entry: squeue::Entry) -> io::Result<()> {
         // SAFETY: callers only pass opcodes whose SQE holds no user pointer (accept without an
-        // address, multishot recv into provided buffers, cancel, nop), so nothing can dangle.
+        // address, multishot recv into provided buffers, poll, cancel, nop), so nothing can dangle.
         unsafe { self.push(&entry) }
     }
 
@@ -287,6 +287,16 @@ impl Uring {
             .user_data(user_data);
         // SAFETY: forwarded from this function's contract.
         unsafe { self.push(&entry) }
+    }
+
+    /// Pushes a multishot poll for POLLIN on `fd`, edge-triggered: one CQE per wake-up of the
+    /// file's wait queue after the arm (and one at once if it is readable already).
+    pub fn push_poll_multishot(&mut self, fd: i32, user_data: u64) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data);
+        self.push_plain(entry)
     }
 
     pub fn push_cancel_fd(&mut self, fd: i32, user_data: u64) -> io::Result<()> {
@@ -475,6 +485,18 @@ pub fn close_fd(fd: i32) {
     unsafe {
         libc::close(fd);
     }
+}
+
+/// A new non-blocking eventfd: other threads write to it to wake the ring's owner, which
+/// polls it through the ring (see `push_poll_multishot`).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes no pointer; it returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created by eventfd(2) and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Waits up to `timeout` for `events` on `fd`; false when the time ran out.

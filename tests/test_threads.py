@@ -485,3 +485,56 @@ def test_input_is_held_back_while_the_app_runs_on_an_app_thread(backend: str) ->
     if backend == "on":
         stats = st.server.ring_stats
         assert stats is not None and stats["input_pauses"] >= 1, stats
+
+
+def _eventfds() -> dict[int, str]:
+    """This process's eventfds, by fd, with the fd's target (to tell reused numbers apart)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # closed meanwhile (the listing's own fd among them)
+            continue
+        if target == "anon_inode:[eventfd]":
+            found[int(name)] = target
+    return found
+
+
+def _eventfd_count(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            if line.startswith("eventfd-count:"):
+                return int(line.split(":", 1)[1], 16)
+    raise AssertionError(f"fd {fd} shows no eventfd-count")
+
+
+@pytest.mark.needs_hotpath
+def test_app_threads_wake_the_ring_through_an_eventfd() -> None:
+    # The ring thread alone enters the ring (SINGLE_ISSUER); app threads only write the
+    # eventfd the ring polls, and the ring never reads it, so its count is the wake-ups.
+    threads_seen: set[int] = set()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        threads_seen.add(threading.get_ident())
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    before = _eventfds()
+    st = ServerThread(app, "on", threads=4)
+    try:
+        assert st.server.backend == "io_uring"
+        requests_sent = 20
+        with st.connect() as sock:
+            reader = Reader(sock)
+            for _ in range(requests_sent):
+                sock.sendall(get())
+                resp = reader.read_response()
+                assert (resp.status, resp.body) == (200, b"ok")
+        new = sorted(set(_eventfds()) - set(before))
+        assert len(new) == 1, f"expected the pool's one eventfd, found {new}"
+        # One request at a time: each finished turn found nothing waiting, so rang once.
+        assert _eventfd_count(new[0]) >= requests_sent
+        assert threads_seen and st.thread.ident not in threads_seen, "ran on the ring thread"
+    finally:
+        st.stop()
+    assert not st.errors, st.errors
