@@ -244,8 +244,7 @@ def test_sigquit_cuts_a_graceful_stop_short(backend: str, workers: int, tmp_path
     server, hanging = _hanging_request(backend, workers, tmp_path / "taken")
     try:
         server.send(signal.SIGTERM)
-        if workers:
-            server.wait_for(r"stopping gracefully")
+        server.wait_for(r"stopping gracefully")
         # The graceful stop waits for the 30 s request; SIGQUIT does not.
         assert server.proc.poll() is None
         started = time.monotonic()

@@ -376,6 +376,14 @@ class Server:
         flight (their responses say `Connection: close`) and closes what is left after
         `graceful_timeout` seconds. A plain shutdown() during a graceful one cuts it short.
         """
+        serving_alone = not self._stopped.is_set() and not self.config.workers
+        if graceful and serving_alone and self._worker is None and not self._drain.is_set():
+            # Logged here: an app call running inline may hold the loop for a long time.
+            # A master logs its workers' stop itself, and workers leave it to their master.
+            error_log.info(
+                "stopping gracefully: finishing the requests in flight (up to %g s)",
+                self.config.graceful_timeout,
+            )
         (self._drain if graceful else self._stop).set()
         self._wake()
         if wait and threading.get_ident() != self._serving_thread:
