@@ -522,3 +522,55 @@ def test_app_calls_running_on_app_threads_finish_across_the_switch(
     assert len(warnings) == 1, warnings
     assert "test: sick with app calls on app threads" in warnings[0]
     assert "never confirmed" not in warnings[0], warnings[0]
+
+
+def test_a_stop_never_lets_a_running_app_call_read_a_reused_fd() -> None:
+    """threads=2: an app call waits, its body not all sent, when the ring goes to epoll and
+    the server then stops at once. The call carries on and reads its body after the stop.
+    The numbers of the fds the stop freed are taken by new sockets holding a secret; the
+    call must find its own peer gone, never read the secret."""
+    # Enough for the 90 body bytes still to come, so a read of a reused fd completes.
+    secret = b"bytes of another connection; " * 4
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    got: list[bytes] = []
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        entered.set()
+        release.wait(TIMEOUT * 3)
+        try:
+            got.append(environ["wsgi.input"].read())  # type: ignore[attr-defined]
+        except Exception as exc:  # the peer is gone: the read fails, as it should
+            got.append(repr(exc).encode())
+        finally:
+            finished.set()
+        start_response("200 OK", [])
+        return [b"too late"]
+
+    st = ServerThread(app, "on", threads=2, body_timeout=TIMEOUT * 3)
+    pairs: list[socket.socket] = []
+    client = None
+    try:
+        assert wait_until(lambda: st.server._native is not None, TIMEOUT)
+        client = st.connect(timeout=TIMEOUT)
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+        assert entered.wait(TIMEOUT), "the app call never started"
+        assert st.server.force_unhealthy("test: sick with a body read to come")
+        assert wait_until(lambda: st.server.backend == "epoll", TIMEOUT)
+        st.stop(timeout=TIMEOUT)
+        for _ in range(32):
+            a, b = socket.socketpair()
+            pairs += [a, b]
+            a.sendall(secret)
+            b.sendall(secret)
+        release.set()
+        assert finished.wait(TIMEOUT), "the app call never finished"
+        assert got and b"another connection" not in got[0], got
+    finally:
+        release.set()
+        for s in pairs:
+            s.close()
+        if client is not None:
+            client.close()
+        if st.thread.is_alive():
+            st.stop()
+    assert not st.errors, st.errors

@@ -74,7 +74,7 @@ class _Transport:
 
 
 class _Conn:
-    __slots__ = ("busy", "out", "overdue", "proto", "sock")
+    __slots__ = ("abandoned", "busy", "out", "overdue", "proto", "sock")
 
     def __init__(
         self,
@@ -97,6 +97,9 @@ class _Conn:
         self.overdue = handed.overdue if handed is not None else False
         # Its turn runs on the pool: the loop leaves it (and its socket) alone until then.
         self.busy = False
+        # Closed by the loop while its turn ran: whoever holds it last closes the socket
+        # (see _Pool.finished), so a thread still in the turn never uses a reused fd number.
+        self.abandoned = False
 
 
 class _Pool:
@@ -110,6 +113,8 @@ class _Pool:
         self.wake_w.setblocking(False)
         self.jobs: queue.SimpleQueue[tuple[_Conn, Callable[[], bytes]] | None] = queue.SimpleQueue()
         self.done: deque[tuple[_Conn, bytes]] = deque()
+        # Orders a turn's end against the loop abandoning its connection.
+        self.lock = threading.Lock()
         # Daemon threads: an app call stuck past the stop must not keep the process alive.
         self.threads = [
             threading.Thread(target=self._work, name=f"uringserve-app-{i}", daemon=True)
@@ -127,11 +132,43 @@ class _Pool:
                 error_log.exception("connection turn failed on an app thread")
                 conn.proto.refuse_keep_alive()
                 out = b""
-            self.done.append((conn, out))
+            if not self.finished(conn, out):
+                continue
             try:
                 self.wake_w.send(b"x")
             except OSError:
                 pass  # full: a wake-up is already pending; closed: the loop is gone
+
+    def finished(self, conn: _Conn, out: bytes) -> bool:
+        """A turn ended: its output goes to the loop (True), or, when the loop closed the
+        connection meanwhile, its socket is closed here, now that no thread uses it."""
+        with self.lock:
+            if not conn.abandoned:
+                self.done.append((conn, out))
+                return True
+        conn.sock.close()
+        return False
+
+    def abandon(self, conn: _Conn) -> None:
+        """From the loop: `conn` is closed while its turn may still run. Its socket is shut
+        down, so the turn's reads and writes end, and closed by whoever holds it last."""
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self.lock:
+            conn.abandoned = True
+            if conn.busy and not any(c is conn for c, _ in self.done):
+                return  # still running: finished() closes it
+        conn.sock.close()
+
+    def close_abandoned(self) -> None:
+        """After stop(): the turns that ended but never reached the loop."""
+        with self.lock:
+            left = [conn for conn, _ in self.done]
+            self.done.clear()
+        for conn in left:
+            conn.sock.close()
 
     def submit(self, conn: _Conn, turn: Callable[[], bytes]) -> None:
         conn.busy = True
@@ -224,16 +261,13 @@ def serve_epoll(
 
     def close(conn: _Conn) -> None:
         del conns[conn.sock.fileno()]
-        if conn.busy:
-            # Its app may be blocked reading the body on the pool: wake it to a closed peer.
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        timers.stop(conn)
+        if conn.busy and pool is not None:
+            # Its app may be blocked reading the body on the pool: that ends at a closed peer.
+            pool.abandon(conn)
         else:
             sel.unregister(conn.sock)
-        conn.sock.close()
-        timers.stop(conn)
+            conn.sock.close()
         regulate_accepts()
         if metrics is not None:
             metrics.set_connections(len(conns))
@@ -440,3 +474,4 @@ def serve_epoll(
         sel.close()
         if pool is not None:
             pool.stop()
+            pool.close_abandoned()
