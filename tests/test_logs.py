@@ -4,11 +4,15 @@ with workers."""
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +20,9 @@ from typing import Any
 import pytest
 
 import uringserve
-from proc_util import TESTS_DIR, ServerProcess, answered_by
+from proc_util import TESTS_DIR, ServerProcess, answered_by, get_body
 from server_util import ServerThread, get, request, wait_until
+from uringserve import logs
 
 # [21/Nov/2026:09:13:24 +0000]
 TIME = r"\[\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}\]"
@@ -264,5 +269,363 @@ def test_log_config_ini_routes_the_error_log(tmp_path: Path) -> None:
         assert match is not None
         assert answered_by(int(match.group(1)), "/") == server.pid
         assert "serving" not in server.log()
+    finally:
+        server.close()
+
+
+# The default access log: the bare combined line, written to fd 2 by the server itself while
+# the logger is as logs.default_handlers leaves it, and through logging in every other case.
+
+BARE = re.compile(rf'127\.0\.0\.1 - - {TIME} "GET (/\S*) HTTP/1\.1" 200 2 "-" "-"')
+
+
+def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hi"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def default_access() -> Iterator[Callable[[], logging.Logger]]:
+    """Puts the access logger as logs.default_handlers leaves it, its handler on fd 2 (which
+    pytest captures: read it with capfd); put back as it was after the test.
+
+    Called in the test's body: pytest's logging plugin adds its own handlers to loggers that do
+    not propagate when each test phase starts, which would make the logger no longer default.
+    """
+    logger = logging.getLogger("uringserve.access")
+    handlers = [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]
+    filters = logger.filters[:]
+    level, propagate, disabled = logger.level, logger.propagate, logger.disabled
+
+    def clear() -> None:
+        for h in logger.handlers[:]:
+            logger.removeHandler(h)
+        for f in logger.filters[:]:
+            logger.removeFilter(f)
+
+    def install() -> logging.Logger:
+        clear()
+        logger.addHandler(logs.AccessStreamHandler(sys.__stderr__))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.disabled = False
+        return logger
+
+    try:
+        yield install
+    finally:
+        clear()
+        for h in handlers:
+            logger.addHandler(h)
+        for f in filters:
+            logger.addFilter(f)
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+
+
+class Fd2:
+    """Access lines written to fd 2 (captured by pytest), in order, kept across reads."""
+
+    def __init__(self, capfd: pytest.CaptureFixture[str]) -> None:
+        self.capfd = capfd
+        self.lines: list[str] = []
+        capfd.readouterr()
+
+    def read(self) -> list[str]:
+        err = self.capfd.readouterr().err
+        self.lines += [ln for ln in err.splitlines() if '"GET /' in ln]
+        return self.lines
+
+    def paths(self) -> list[str]:
+        """The path of each line; every line must be exactly the bare combined line."""
+        found = []
+        for line in self.read():
+            m = BARE.fullmatch(line)
+            assert m, line
+            found.append(m.group(1))
+        return found
+
+
+def ask(st: ServerThread, path: str) -> None:
+    """One request, answered: its access line, if any, is out before its response."""
+    assert exchange(st, get(path)) == 200
+
+
+def test_default_access_encoding_reads_the_whole_configuration(
+    default_access: Callable[[], logging.Logger],
+) -> None:
+    logger = default_access()
+    handler = logger.handlers[0]
+    assert isinstance(handler, logs.AccessStreamHandler)
+    codec = codecs.lookup(sys.__stderr__.encoding).name
+    assert logs.default_access_encoding(logger) == codec
+    other = logging.Formatter("%(message)s")
+    drop = logging.Filter("nothing")
+    changes: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+        ("logger filter", lambda: logger.addFilter(drop), lambda: logger.removeFilter(drop)),
+        ("handler filter", lambda: handler.addFilter(drop), lambda: handler.removeFilter(drop)),
+        ("logger level", lambda: logger.setLevel("WARNING"), lambda: logger.setLevel("INFO")),
+        ("handler level", lambda: handler.setLevel("WARNING"), lambda: handler.setLevel(0)),
+        ("disable()", lambda: logging.disable(logging.INFO), lambda: logging.disable(0)),
+        ("disabled", lambda: setattr(logger, "disabled", True), lambda: None),
+        ("propagate", lambda: setattr(logger, "propagate", True), lambda: None),
+        ("formatter", lambda: handler.setFormatter(other), lambda: None),
+        ("terminator", lambda: setattr(handler, "terminator", "\r\n"), lambda: None),
+        ("stream", lambda: handler.setStream(io.StringIO()), lambda: None),
+        ("stdout", lambda: handler.setStream(sys.__stdout__), lambda: None),
+        ("second handler", lambda: logger.addHandler(_Records()), lambda: None),
+        ("no handler", lambda: logger.removeHandler(handler), lambda: None),
+        (
+            "record factory",
+            lambda: logging.setLogRecordFactory(lambda *a, **k: logging.LogRecord(*a, **k)),
+            lambda: logging.setLogRecordFactory(logging.LogRecord),
+        ),
+    ]
+    for what, change, undo in changes:
+        change()
+        try:
+            assert logs.default_access_encoding(logger) is None, what
+        finally:
+            undo()
+            # Back to exactly the default state for the next change.
+            for h in logger.handlers[:]:
+                logger.removeHandler(h)
+            handler = logs.AccessStreamHandler(sys.__stderr__)
+            logger.addHandler(handler)
+            logger.propagate = logger.disabled = False
+        assert logs.default_access_encoding(logger) == codec, what
+    # A subclass may write differently: logging decides.
+    logger.removeHandler(handler)
+    logger.addHandler(type("Mine", (logs.AccessStreamHandler,), {})(sys.__stderr__))
+    assert logs.default_access_encoding(logger) is None
+
+
+def test_the_default_handler_writes_the_bare_line(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    default_access()
+    fd2 = Fd2(capfd)
+    st = serve(hello, access_log=True)
+    for path in ("/a", "/b?x=1", "/c"):
+        ask(st, path)
+    assert fd2.paths() == ["/a", "/b?x=1", "/c"]
+
+
+@pytest.mark.parametrize("on", ["logger", "handler"])
+def test_a_filter_still_decides(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+    on: str,
+) -> None:
+    access = default_access()
+    fd2 = Fd2(capfd)
+    target = access if on == "logger" else access.handlers[0]
+    target.addFilter(lambda record: "/drop" not in record.getMessage())
+    st = serve(hello, access_log=True)
+    for path in ("/keep1", "/drop", "/keep2"):
+        ask(st, path)
+    assert fd2.paths() == ["/keep1", "/keep2"]
+
+
+def test_a_users_handler_gets_the_records(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    access = default_access()
+    fd2 = Fd2(capfd)
+    mine = _Records()
+    access.addHandler(mine)
+    st = serve(hello, access_log=True)
+    before = time.time()
+    for path in ("/one", "/two"):
+        ask(st, path)
+    after = time.time()
+    # The default handler still writes its lines; the user's sees each record whole.
+    assert fd2.paths() == ["/one", "/two"]
+    assert [r.getMessage() for r in mine.records] == fd2.lines
+    for record in mine.records:
+        assert record.name == "uringserve.access"
+        assert (record.levelno, record.levelname) == (logging.INFO, "INFO")
+        assert record.msg == record.getMessage() and record.args == ()
+        assert before <= record.created <= after
+
+
+@pytest.mark.parametrize("how", ["logger level", "handler level", "disable()", "disabled"])
+def test_above_info_nothing_is_written(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+    how: str,
+) -> None:
+    access = default_access()
+    fd2 = Fd2(capfd)
+    if how == "logger level":
+        access.setLevel(logging.WARNING)
+    elif how == "handler level":
+        access.handlers[0].setLevel(logging.WARNING)
+    elif how == "disabled":
+        access.disabled = True
+    else:
+        logging.disable(logging.INFO)
+    try:
+        st = serve(hello, access_log=True)
+        for path in ("/a", "/b"):
+            ask(st, path)
+        assert fd2.read() == []
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def test_a_changed_formatter_stream_or_propagation_is_honoured(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    access = default_access()
+    fd2 = Fd2(capfd)
+    handler = access.handlers[0]
+    assert isinstance(handler, logs.AccessStreamHandler)
+    handler.setFormatter(logging.Formatter("A %(levelname)s %(message)s"))
+    st = serve(hello, access_log=True)
+    ask(st, "/formatted")
+    (line,) = fd2.read()
+    assert line.startswith("A INFO ") and BARE.fullmatch(line[len("A INFO ") :]), line
+    st.stop()
+
+    elsewhere = io.StringIO()
+    handler.setFormatter(handler.default_formatter)
+    handler.setStream(elsewhere)
+    access.propagate = True
+    caplog.set_level(logging.INFO)
+    st = serve(hello, access_log=True)
+    ask(st, "/moved")
+    assert fd2.read() == [line]
+    assert [BARE.fullmatch(ln) is not None for ln in elsewhere.getvalue().splitlines()] == [True]
+    assert [r.getMessage() for r in caplog.records if r.name == "uringserve.access"] == [
+        elsewhere.getvalue().rstrip("\n")
+    ]
+
+
+def test_a_change_made_while_serving_governs_later_lines(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    access = default_access()
+    fd2 = Fd2(capfd)
+    st = serve(hello, access_log=True)
+    ask(st, "/before")
+    assert fd2.paths() == ["/before"]
+    mine = _Records()
+    access.addHandler(mine)
+    sent = iter(range(10_000))
+
+    def reaches_mine() -> bool:
+        ask(st, f"/after{next(sent)}")
+        return bool(mine.records)
+
+    # Within the documented 100 ms; bounded in time and count.
+    assert wait_until(reaches_mine, timeout=10)
+    ask(st, "/later")
+    assert mine.records[-1].getMessage() == fd2.read()[-1]
+    assert BARE.fullmatch(fd2.lines[-1]) and "/later " in fd2.lines[-1]
+
+    access.setLevel(logging.WARNING)
+
+    def silent() -> bool:
+        n = len(fd2.read())
+        ask(st, f"/quiet{next(sent)}")
+        return len(fd2.read()) == n
+
+    assert wait_until(silent, timeout=10)
+    written, received = len(fd2.read()), len(mine.records)
+    for _ in range(3):
+        ask(st, "/still-quiet")
+    assert (len(fd2.read()), len(mine.records)) == (written, received)
+
+
+def _app_module(tmp_path: Path, body: str) -> dict[str, str]:
+    """An app module `logapp` in tmp_path; the environment a ServerProcess imports it with."""
+    (tmp_path / "logapp.py").write_text(body)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR)])}
+
+
+LOGGING_APP = """
+import logging
+
+def app(environ, start_response):
+    logging.getLogger("uringserve.error").warning("app saw %s", environ["PATH_INFO"])
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hi"]
+"""
+
+
+def test_cli_default_access_log_is_the_bare_line_after_the_apps_error_line(
+    tmp_path: Path, backend: str
+) -> None:
+    env = _app_module(tmp_path, LOGGING_APP)
+    server = ServerProcess(["--io-uring", backend, "--access-log"], env=env, app="logapp:app")
+    try:
+        paths = [f"/r{i}" for i in range(5)]
+        for path in paths:
+            assert get_body(server.port, path) == b"hi"
+        server.wait_for(r'"GET /r4 ', timeout=10)
+        ours = [ln for ln in server.lines if "app saw /r" in ln or '"GET /r' in ln]
+        assert len(ours) == 2 * len(paths), server.log()
+        for i, path in enumerate(paths):
+            error, access = ours[2 * i], ours[2 * i + 1]
+            assert re.fullmatch(
+                rf"\[[^]]+\] \[uringserve\.error\] WARNING app saw {path}", error
+            ), error
+            m = BARE.fullmatch(access)
+            assert m and m.group(1) == path, access
+    finally:
+        server.close()
+
+
+def test_log_config_decides_the_default_handlers_format(tmp_path: Path, backend: str) -> None:
+    config = {
+        "formatters": {"tagged": {"format": "ACCESS %(levelname)s %(name)s %(message)s"}},
+        "handlers": {
+            "access": {
+                "class": "uringserve.logs.AccessStreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "tagged",
+            },
+            "errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        },
+        "loggers": {
+            "uringserve.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "uringserve.error": {"handlers": ["errors"], "level": "INFO", "propagate": False},
+        },
+    }
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config))
+    env = _app_module(tmp_path, LOGGING_APP)
+    server = ServerProcess(
+        ["--io-uring", backend, "--access-log", "--log-config", str(path)],
+        env=env,
+        app="logapp:app",
+    )
+    try:
+        assert get_body(server.port, "/tagged") == b"hi"
+        m = server.wait_for(r'"GET /tagged ', timeout=10)
+        line = m.string
+        prefix = "ACCESS INFO uringserve.access "
+        assert line.startswith(prefix) and BARE.fullmatch(line[len(prefix) :]), line
     finally:
         server.close()

@@ -2,10 +2,13 @@
 //! costs nothing here, not even a clock read.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 use crate::http::{push_log_time_now, Request};
 use crate::metrics::Slot;
@@ -14,10 +17,40 @@ use super::access_log::{AccessFacts, AccessFormat, DEFAULT_FORMAT};
 use super::environ::{Peer, PeerHost};
 use super::start_response::{lock, Reply, SharedReply};
 
+/// How long a verdict on the access logger's configuration holds: a change a user makes at
+/// runtime (a handler, a filter, a level, a dictConfig) governs every line from at most this
+/// long after it. Asking `logging` per request would cost about what the fast path saves.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// logging.INFO.
+const INFO: u8 = 20;
+
 struct AccessLog {
     /// logging.Logger "uringserve.access".
     logger: Py<PyAny>,
+    /// uringserve.logs.default_access_encoding, which says whether `logger` is in its default
+    /// state (see `Route`).
+    probe: Py<PyAny>,
     format: AccessFormat,
+    route: Mutex<Verdict>,
+}
+
+/// Where lines go, decided at `checked` for the next `RECHECK`.
+struct Verdict {
+    checked: Option<Instant>,
+    route: Route,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Route {
+    /// Through `logging`, which then decides everything.
+    Logging,
+    /// The logger is exactly as logs.default_handlers left it: one AccessStreamHandler with
+    /// its "%(message)s" formatter on fd 2, nothing filtering, INFO enabled. The line plus
+    /// "\n" goes to fd 2 from here, the bytes that handler would write, in one write(2) and
+    /// unbuffered (as the error log's StreamHandler flushes each record, the two stay in
+    /// order). `utf8` false: stderr has another codec, so only ASCII lines are written here.
+    Stderr { utf8: bool },
 }
 
 pub struct Observer {
@@ -52,7 +85,19 @@ impl Observer {
                 .import("logging")?
                 .call_method1("getLogger", ("uringserve.access",))?
                 .unbind();
-            Some(AccessLog { logger, format })
+            let probe = py
+                .import("uringserve.logs")?
+                .getattr("default_access_encoding")?
+                .unbind();
+            Some(AccessLog {
+                logger,
+                probe,
+                format,
+                route: Mutex::new(Verdict {
+                    checked: None,
+                    route: Route::Logging,
+                }),
+            })
         } else {
             None
         };
@@ -90,7 +135,8 @@ impl Observer {
         bytes: u64,
         reply: &SharedReply,
     ) {
-        let took = started.elapsed();
+        let now = Instant::now();
+        let took = now.saturating_duration_since(started);
         let reply = lock(reply);
         let status = failed.unwrap_or_else(|| {
             let code = reply.status().and_then(|s| s.get(..3));
@@ -119,8 +165,94 @@ impl Observer {
         access.format.render(&facts, push_log_time_now, &mut line);
         drop(facts);
         drop(reply);
+        access.log(py, now, line);
+    }
+}
+
+impl AccessLog {
+    fn log(&self, py: Python<'_>, now: Instant, mut line: String) {
+        if let Route::Stderr { utf8 } = self.route(py, now) {
+            if utf8 || line.is_ascii() {
+                line.push('\n');
+                // Unbuffered: one write(2). Should it fail, logging gets the line, and reports
+                // the failure its own way (a StreamHandler's handleError).
+                if std::io::stderr().write_all(line.as_bytes()).is_ok() {
+                    return;
+                }
+                line.pop();
+            }
+        }
         // A failing handler must not fail the request; logging reports its own errors.
-        let _ = access.logger.call_method1(py, intern!(py, "info"), (line,));
+        let _ = self.through_logging(py, line);
+    }
+
+    /// What `logger.info(line)` does, without looking for the caller (this call comes from
+    /// Rust, so the record's file, line and function were never the user's anyway).
+    fn through_logging(&self, py: Python<'_>, line: String) -> PyResult<()> {
+        let logger = self.logger.bind(py);
+        if !logger
+            .call_method1(intern!(py, "isEnabledFor"), (INFO,))?
+            .is_truthy()?
+        {
+            return Ok(());
+        }
+        let record = logger.call_method1(
+            intern!(py, "makeRecord"),
+            (
+                intern!(py, "uringserve.access"),
+                INFO,
+                intern!(py, "(unknown file)"),
+                0,
+                line,
+                PyTuple::empty(py),
+                py.None(),
+            ),
+        )?;
+        logger.call_method1(intern!(py, "handle"), (record,))?;
+        Ok(())
+    }
+
+    /// The route for a line logged at `now`: the last verdict if younger than `RECHECK`.
+    fn route(&self, py: Python<'_>, now: Instant) -> Route {
+        {
+            let verdict = self.lock_verdict();
+            let fresh = verdict
+                .checked
+                .is_some_and(|at| now.saturating_duration_since(at) < RECHECK);
+            if fresh {
+                return verdict.route;
+            }
+        }
+        // Not under the lock: Python may switch threads inside the probe, and another thread
+        // waiting here with the GIL would then wait forever.
+        let route = self.probe(py);
+        *self.lock_verdict() = Verdict {
+            checked: Some(now),
+            route,
+        };
+        route
+    }
+
+    fn lock_verdict(&self) -> std::sync::MutexGuard<'_, Verdict> {
+        self.route.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn probe(&self, py: Python<'_>) -> Route {
+        let codec = self
+            .probe
+            .call1(py, (self.logger.bind(py),))
+            .and_then(|c| c.extract::<Option<String>>(py));
+        match codec {
+            Ok(Some(codec)) => Route::Stderr {
+                utf8: codec == "utf-8",
+            },
+            Ok(None) => Route::Logging,
+            Err(err) => {
+                // A bug in the probe, not a logging configuration: said, and logging decides.
+                err.write_unraisable(py, Some(self.probe.bind(py)));
+                Route::Logging
+            }
+        }
     }
 }
 
