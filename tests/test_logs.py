@@ -409,6 +409,38 @@ def test_default_access_encoding_reads_the_whole_configuration(
     assert logs.default_access_encoding(logger) is None
 
 
+def test_a_log_config_naming_the_default_handler_keeps_the_default_state(tmp_path: Path) -> None:
+    handler = {"class": "uringserve.logs.AccessStreamHandler", "stream": "ext://sys.stderr"}
+    config: dict[str, Any] = {
+        "handlers": {"access": handler},
+        "loggers": {
+            "uringserve.access": {"handlers": ["access"], "level": "INFO", "propagate": False}
+        },
+    }
+    probe = (
+        "import logging, sys; from uringserve import logs; logs.apply_file(sys.argv[1]); "
+        "print(logs.default_access_encoding(logging.getLogger('uringserve.access')))"
+    )
+
+    def verdict() -> str:
+        path = tmp_path / "logging.json"
+        path.write_text(json.dumps(config))
+        done = subprocess.run(
+            [sys.executable, "-c", probe, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert verdict() == "utf-8"
+    handler["formatter"] = "tagged"
+    config["formatters"] = {"tagged": {"format": "%(levelname)s %(message)s"}}
+    assert verdict() == "None"
+
+
 def test_the_default_handler_writes_the_bare_line(
     serve: Callable[..., ServerThread],
     default_access: Callable[[], logging.Logger],
@@ -627,5 +659,24 @@ def test_log_config_decides_the_default_handlers_format(tmp_path: Path, backend:
         line = m.string
         prefix = "ACCESS INFO uringserve.access "
         assert line.startswith(prefix) and BARE.fullmatch(line[len(prefix) :]), line
+    finally:
+        server.close()
+
+
+def test_a_stderr_in_another_codec_gets_what_logging_would_write(
+    tmp_path: Path, backend: str
+) -> None:
+    env = _app_module(tmp_path, LOGGING_APP)
+    env["PYTHONIOENCODING"] = "ascii"
+    server = ServerProcess(["--io-uring", backend, "--access-log"], env=env, app="logapp:app")
+    try:
+        assert get_body(server.port, "/plain") == b"hi"
+        assert get_body(server.port, "/caf\u00e9") == b"hi"
+        server.wait_for(r'"GET /caf', timeout=10)
+        lines = [ln for ln in server.lines if '"GET /' in ln]
+        # An ASCII line is written as is; another goes through logging, whose stream
+        # escapes what ascii cannot say (errors="backslashreplace" on stderr).
+        found = [m.group(1) if (m := BARE.fullmatch(ln)) else ln for ln in lines]
+        assert found == ["/plain", "/caf\\xe9"], lines
     finally:
         server.close()

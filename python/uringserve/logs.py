@@ -11,7 +11,7 @@ import logging.config
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from .config import Config
@@ -28,7 +28,7 @@ INI_SUFFIXES = (".ini", ".conf", ".cfg")
 _applied: tuple[int, str] | None = None
 
 
-class AccessStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class AccessStreamHandler(logging.StreamHandler):
     """The default access log handler: each line bare, as gunicorn writes it.
 
     While it is the access logger's only handler, on fd 2, with its own formatter and nothing
@@ -36,7 +36,7 @@ class AccessStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     `default_access_encoding` and src/wsgi/observe.rs); the lines are the same.
     """
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
         self.default_formatter = logging.Formatter(ACCESS_FORMAT)
         self.setFormatter(self.default_formatter)
