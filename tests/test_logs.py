@@ -680,3 +680,22 @@ def test_a_stderr_in_another_codec_gets_what_logging_would_write(
         assert found == ["/plain", "/caf\\xe9"], lines
     finally:
         server.close()
+
+
+def test_a_filter_that_raises_is_reported_and_the_request_answered(
+    serve: Callable[..., ServerThread],
+    default_access: Callable[[], logging.Logger],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    access = default_access()
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+
+    def broken(record: logging.LogRecord) -> bool:
+        raise ArithmeticError("the filter broke")
+
+    access.addFilter(broken)
+    st = serve(hello, access_log=True)
+    ask(st, "/x")
+    assert wait_until(lambda: bool(seen))
+    assert isinstance(seen[0].exc_value, ArithmeticError) and seen[0].object is access

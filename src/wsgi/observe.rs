@@ -182,8 +182,11 @@ impl AccessLog {
                 line.pop();
             }
         }
-        // A failing handler must not fail the request; logging reports its own errors.
-        let _ = self.through_logging(py, line);
+        // A failing handler must not fail the request: logging reports its handlers' errors,
+        // and what escapes it (a filter or record factory that raises) is reported here.
+        if let Err(err) = self.through_logging(py, line) {
+            err.write_unraisable(py, Some(self.logger.bind(py)));
+        }
     }
 
     /// What `logger.info(line)` does, without looking for the caller (this call comes from
