@@ -16,7 +16,7 @@ import pytest
 
 import uringserve
 from proc_util import BOOTED, ServerProcess, answered_by
-from server_util import Reader, ServerThread, get, request, wait_until
+from server_util import Reader, ServerThread, echo_app, get, post, request, wait_until
 
 SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? (\S+)")
 LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
@@ -194,6 +194,38 @@ def test_io_uring_counters(serve: Callable[..., ServerThread], backend: str) -> 
     else:
         assert wait_until(lambda: requests_by_class(scrape(address))["2xx"] == 3)
         assert set(ring(scrape(address)).values()) == {0.0}
+
+
+@pytest.mark.needs_hotpath
+def test_the_ring_counters_follow_what_the_ring_did() -> None:
+    """io_uring only (epoll's are zero, above). A 16 MiB body into a ring of four 4 KiB
+    buffers runs it out of buffers (enobufs), and each time its recv is armed again once
+    buffers come back (recv_rearms); the 16 MiB echo, sent before the peer reads any of it,
+    goes out in parts (short_sends)."""
+    st = ServerThread(echo_app, "on", n_bufs=4, buf_size=4096, metrics_bind="127.0.0.1:0")
+    try:
+        address = st.server.metrics_address
+        assert address is not None
+        before = {
+            c: value(scrape(address), f"uringserve_io_uring_{c}_total") for c in RING_COUNTERS
+        }
+        assert before["enobufs"] == before["short_sends"] == 0, before
+        body = bytes(range(256)) * (16 << 12)
+        with st.connect(timeout=30) as s:
+            s.sendall(post(len(body)) + body)
+            # Read nothing until the server has had to send in parts.
+            assert wait_until(
+                lambda: value(scrape(address), "uringserve_io_uring_short_sends_total") > 0,
+                timeout=30,
+            )
+            resp = Reader(s, 30).read_response()
+            assert (resp.status, resp.body == body) == (200, True)
+        after = {c: value(scrape(address), f"uringserve_io_uring_{c}_total") for c in RING_COUNTERS}
+        assert after["enobufs"] > 0 and after["recv_rearms"] > 0, after
+        assert after["recv_rearms"] >= after["enobufs"], after
+    finally:
+        st.stop()
+    assert not st.errors, st.errors
 
 
 def test_fallback_engaged_is_counted_and_the_backend_shown(
