@@ -6,6 +6,7 @@ mod direct;
 pub mod errors;
 mod fdmap;
 mod handover;
+mod heartbeat;
 pub mod hotpath;
 mod hotpath_py;
 pub mod http;
@@ -50,6 +51,8 @@ fn _uringserve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tls_config::TlsConfig>()?;
     m.add_class::<metrics_py::MetricsBlock>()?;
     m.add_class::<metrics_py::MetricsSlot>()?;
+    m.add_class::<heartbeat::Heartbeats>()?;
+    m.add_class::<heartbeat::Pulse>()?;
     m.add_function(wrap_pyfunction!(wsgi::observe::check_access_log_format, m)?)?;
     m.add_function(wrap_pyfunction!(probe_py::probe, m)?)?;
     m.add("UringError", py.get_type::<errors::UringError>())?;

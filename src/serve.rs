@@ -14,6 +14,7 @@ use crate::direct;
 use crate::errors::{BodyError, RingError, RingResult};
 use crate::fdmap::FdMap;
 use crate::handover::{ConnState, HandedOver, Handover};
+use crate::heartbeat::{Beating, Pulse};
 use crate::hotpath::{Accepting, CancelTicket, Completion, Hotpath, OpKind};
 use crate::hotpath_py::stats_dict;
 use crate::http::Limits;
@@ -137,6 +138,9 @@ struct Core {
     cap: ConnCap,
     /// This worker's metrics slot, refreshed before every wait.
     metrics: Option<RingPublisher>,
+    /// This worker's heartbeat (`--timeout`): it moves on every wait, idle or not, and
+    /// stops while an app call holds this thread.
+    heartbeat: Option<Beating>,
     /// The ring is being given up: accepted connections are no longer armed.
     evacuated: bool,
     /// Times the loop handed its connections to epoll (0 or 1: it happens once).
@@ -476,17 +480,33 @@ impl Core {
     /// One enter, unless work is already waiting; then every completion delivered. A signal
     /// (EINTR) just ends the wait: the caller runs Python's handlers after every pass.
     fn wait(&mut self) -> RingResult<()> {
+        self.beat();
         self.deliver()?;
         self.expire()?;
         if !self.queue.is_empty() || self.woken || self.pool_woken {
             return Ok(());
         }
-        self.hp.set_timer(self.timers.next_due())?;
+        self.hp.set_timer(self.next_wake(self.timers.next_due()))?;
         if let Err(e) = self.hp.enter(1, None) {
             self.hp.enter_failed(e)?;
         }
         self.deliver()?;
         self.expire()
+    }
+
+    fn beat(&mut self) {
+        if let Some(h) = self.heartbeat.as_mut() {
+            h.tick();
+        }
+    }
+
+    /// The earlier of `due` and the next heartbeat: an idle loop still wakes to beat. The
+    /// ring's one timer is only re-armed when this moves earlier, so about once a beat.
+    fn next_wake(&self, due: Option<Instant>) -> Option<Instant> {
+        match (due, self.heartbeat.as_ref().map(Beating::due)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Closes the connections whose deadline passed. One with input still to handle is only
@@ -1040,13 +1060,14 @@ impl Core {
 
     /// Like `wait`, but returns by `deadline` at the latest.
     fn wait_draining(&mut self, deadline: Instant) -> RingResult<()> {
+        self.beat();
         self.deliver()?;
         self.expire()?;
         if !self.queue.is_empty() || self.woken || self.pool_woken || Instant::now() >= deadline {
             return Ok(());
         }
         let due = self.timers.next_due().map_or(deadline, |t| t.min(deadline));
-        self.hp.set_timer(Some(due))?;
+        self.hp.set_timer(self.next_wake(Some(due)))?;
         if let Err(e) = self.hp.enter(1, None) {
             self.hp.enter_failed(e)?;
         }
@@ -1252,7 +1273,7 @@ impl UringServer {
         app, listener, wake, *, queue_depth = 1024, n_bufs = 512, buf_size = 8192,
         header_timeout = 10.0, keep_alive_timeout = 5.0, body_timeout = 30.0,
         max_connections = 1000, shared_listener = false,
-        threads = 1
+        threads = 1, heartbeat = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -1268,6 +1289,7 @@ impl UringServer {
         max_connections: usize,
         shared_listener: bool,
         threads: usize,
+        heartbeat: Option<PyRef<'_, Pulse>>,
     ) -> PyResult<Self> {
         let listener = fd_of(listener)?;
         let wake = fd_of(wake)?;
@@ -1327,6 +1349,7 @@ impl UringServer {
                 .metrics()
                 .cloned()
                 .map(RingPublisher::new),
+            heartbeat: heartbeat.map(|p| Beating::new(p.clone())),
             evacuated: false,
             fallback_engaged: 0,
             forced: forced.clone(),

@@ -14,12 +14,14 @@ __all__ = [
     "ForkedRingError",
     "HandedOver",
     "Handover",
+    "Heartbeats",
     "HotpathRing",
     "HttpProtocol",
     "InvalidBufferError",
     "InvalidRequestBody",
     "MetricsBlock",
     "MetricsSlot",
+    "Pulse",
     "Ring",
     "RingClosedError",
     "RingSetupError",
@@ -187,6 +189,30 @@ class MetricsBlock:
         """Every metric in the Prometheus text format."""
 
 @final
+class Heartbeats:
+    """A heartbeat counter per worker slot (--timeout), mapped before forking."""
+
+    def __new__(cls, capacity: int) -> Self: ...
+    @property
+    def capacity(self) -> int: ...
+    def count(self, index: int) -> int:
+        """The beats slot `index` has counted so far (it only grows while its worker lives)."""
+    def pulse(self, index: int, interval: float) -> Pulse:
+        """The handle a worker's loops beat with, at least once per `interval` seconds."""
+
+@final
+class Pulse:
+    """One worker's heartbeat: its slot and how often it must beat."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def interval(self) -> float:
+        """Seconds between beats."""
+    def beat(self) -> None:
+        """One beat: a relaxed atomic add in shared memory, no syscall."""
+
+@final
 class MetricsSlot:
     """One worker's counters; the serve loops update it from Rust."""
 
@@ -264,6 +290,7 @@ class UringServer:
         max_connections: int = 1000,
         shared_listener: bool = False,
         threads: int = 1,
+        heartbeat: Pulse | None = None,
     ) -> Self: ...
     def serve(
         self,

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import policy
+from .metrics import capacity_for
 from .worker import BOOTED, NOTE, RETIRING, WORKER_BOOT_ERROR, run_worker
 
 if TYPE_CHECKING:
+    from ._uringserve import Heartbeats, Pulse
     from .server import Server
 
 error_log = logging.getLogger("uringserve.error")
@@ -28,6 +30,15 @@ QUIT_WAIT = 2.0
 KILL_MARGIN = 2.0
 #: Off the main thread no SIGCHLD wakes the master, so it looks for dead workers this often.
 POLL_WITHOUT_SIGNALS = 0.2
+#: Longest time between two heartbeats of a worker's loop (--timeout).
+BEAT_EVERY = 1.0
+
+
+def beat_interval(timeout: float) -> float:
+    """How often a worker's loop beats and the master looks: at least four times per
+    timeout, so a loop that is alive is never a whole timeout silent."""
+    return min(BEAT_EVERY, timeout / 4)
+
 
 _SIGNALS = (
     signal.SIGTERM,
@@ -104,6 +115,14 @@ class _Worker:
     booted: bool = False
     # Its metrics slot (with --metrics-bind), folded into the total when it exits.
     slot: int | None = None
+    # Its heartbeat slot (with --timeout), the beats counted when last looked at, and when
+    # they last moved (from its fork: its boot counts against the timeout, as in gunicorn).
+    pulse: int | None = None
+    beats: int = 0
+    heard: float = 0.0
+    # When the master asked it to stop or it began retiring: its graceful timeout governs.
+    stopping_since: float | None = None
+    timed_out: bool = False
 
 
 class Arbiter:
@@ -122,6 +141,14 @@ class Arbiter:
         self._notes_r = -1
         self._notes_w = -1
         self._partial = b""
+        # The workers' heartbeats, mapped before any fork; None with timeout 0.
+        self.heartbeats: Heartbeats | None = None
+        self._free_pulses: list[int] = []
+        if self.config.timeout > 0:
+            from ._uringserve import Heartbeats
+
+            self.heartbeats = Heartbeats(capacity_for(self.target))
+            self._free_pulses = list(range(self.heartbeats.capacity - 1, -1, -1))
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -166,6 +193,7 @@ class Arbiter:
             self._reap()  # reads the workers' notes too
             self._check_stop()
             if self.stopping is None:
+                self._check_heartbeats()
                 self._run_actions()
                 self._spawn_missing()
             else:
@@ -182,6 +210,9 @@ class Arbiter:
                         self._kill(w, signal.SIGKILL)
                     self.kill_at = float("inf")
             timeout = None if on_main else POLL_WITHOUT_SIGNALS
+            if self.heartbeats is not None and self.stopping is None:
+                look = beat_interval(self.config.timeout)
+                timeout = look if timeout is None else min(timeout, look)
             if self.stopping is not None and self.kill_at != float("inf"):
                 left = max(0.0, self.kill_at - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
@@ -235,7 +266,7 @@ class Arbiter:
             self.kill_at = time.monotonic() + QUIT_WAIT
             sig = signal.SIGQUIT
         for w in self.workers.values():
-            w.state = "stopping"
+            self._stopping(w)
             self._kill(w, sig)
 
     def _run_actions(self) -> None:
@@ -289,22 +320,79 @@ class Arbiter:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         metrics = self.server._metrics
         slot = None if metrics is None else metrics.slot(number)
+        pulse = self._pulse(number)
         try:
             pid = os.fork()
             if pid == 0:
                 os.close(self._notes_r)
-                run_worker(self.server, number, master_pid, self._notes_w, mask, slot)
+                run_worker(self.server, number, master_pid, self._notes_w, mask, slot, pulse)
         except BaseException:
             if metrics is not None and slot is not None:
                 metrics.block.retire(slot.index)
+            if pulse is not None:
+                self._free_pulses.append(pulse.index)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.workers[pid] = _Worker(pid, number, slot=None if slot is None else slot.index)
+        w = _Worker(pid, number, slot=None if slot is None else slot.index)
+        if pulse is not None and self.heartbeats is not None:
+            w.pulse = pulse.index
+            w.beats = self.heartbeats.count(pulse.index)
+            w.heard = time.monotonic()
+        self.workers[pid] = w
+
+    def _pulse(self, number: int) -> Pulse | None:
+        """A heartbeat slot for worker `number`, or None (timeout 0, or all slots taken)."""
+        if self.heartbeats is None:
+            return None
+        if not self._free_pulses:
+            error_log.warning(
+                "timeout: all %d heartbeat slots are taken; worker %d is not watched",
+                self.heartbeats.capacity,
+                number,
+            )
+            return None
+        index = self._free_pulses.pop()
+        return self.heartbeats.pulse(index, beat_interval(self.config.timeout))
+
+    def _check_heartbeats(self) -> None:
+        """Kills the workers whose serve loop has not beaten for longer than the timeout;
+        reaping replaces them. One that is stopping has its graceful timeout first."""
+        beats = self.heartbeats
+        if beats is None:
+            return
+        timeout = self.config.timeout
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.pulse is None or w.timed_out:
+                continue
+            count = beats.count(w.pulse)
+            if count != w.beats:
+                w.beats, w.heard = count, now
+                continue
+            if now - w.heard <= timeout:
+                continue
+            grace = self.config.graceful_timeout + KILL_MARGIN
+            if w.stopping_since is not None and now - w.stopping_since <= grace:
+                continue
+            error_log.error(
+                "worker %d (pid %d) timed out after %g s: killing it", w.number, w.pid, timeout
+            )
+            w.timed_out = True
+            # SIGKILL at once, not SIGABRT first: a stuck loop may be stuck in C code (a
+            # blocking call, a lock) where no Python handler would run, SIGABRT's default
+            # action writes a core of the whole worker, and only SIGKILL cannot be caught or
+            # ignored by the app, so its capacity comes back promptly.
+            self._kill(w, signal.SIGKILL)
+
+    def _stopping(self, w: _Worker, state: str = "stopping") -> None:
+        w.state = state
+        if w.stopping_since is None:
+            w.stopping_since = time.monotonic()
 
     def _retire(self, w: _Worker) -> None:
         """Stops a worker gracefully; it is not replaced."""
-        w.state = "stopping"
+        self._stopping(w)
         self._kill(w, signal.SIGTERM)
 
     def _kill(self, w: _Worker, sig: int) -> None:
@@ -329,7 +417,11 @@ class Arbiter:
             del self.workers[pid]
             if w.slot is not None and self.server._metrics is not None:
                 self.server._metrics.block.retire(w.slot)
+            if w.pulse is not None:
+                self._free_pulses.append(w.pulse)
             cause = describe_exit(status)
+            if w.timed_out:
+                cause += f", silent past the {self.config.timeout:g} s timeout"
             code = os.waitstatus_to_exitcode(status)
             if w.state == "stopping":
                 level = logging.INFO if code == 0 else logging.WARNING
@@ -367,5 +459,5 @@ class Arbiter:
                 w.booted = True
             elif what == RETIRING and w.state == "serving":
                 # Its replacement starts now, while it finishes its requests.
-                w.state = "retiring"
+                self._stopping(w, "retiring")
         self._partial = self._partial[whole:]

@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--graceful-timeout", type=float, help="seconds a graceful stop waits (default 30)"
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="with --workers: kill and replace a worker whose serve loop is stuck this many "
+        "seconds, e.g. in an app call run inline (default 30; 0: never). Not enforced "
+        "without --workers (no master); with --threads > 1 only a stuck loop counts",
+    )
     # Logs and metrics (README: "Logs" and "Metrics").
     obs = p.add_argument_group("logs and metrics")
     obs.add_argument(

@@ -59,6 +59,9 @@ class Config:
     max_requests: int = 0
     max_requests_jitter: int = 0
     graceful_timeout: float = 30.0
+    # Workers only: the master kills a worker whose serve loop has not moved for this many
+    # seconds and starts another (gunicorn's --timeout); 0 disables it.
+    timeout: float = 30.0
     # Logs and metrics: gunicorn's access log atoms (None: the combined log format); a
     # logging config file (.json dictConfig, .ini/.conf fileConfig); a Prometheus listener.
     access_log_format: str | None = None
@@ -84,6 +87,8 @@ class Config:
         for name in ("workers", "max_requests", "max_requests_jitter", "graceful_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        if not 0 <= self.timeout < math.inf:
+            raise ValueError(f"timeout must be 0 (off) or a finite number, not {self.timeout!r}")
         self._check_observability()
 
     def _check_observability(self) -> None:

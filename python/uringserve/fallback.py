@@ -18,7 +18,7 @@ from ._uringserve import HttpProtocol, MetricsSlot, WsgiApp
 from .timeouts import Deadlines
 
 if TYPE_CHECKING:
-    from ._uringserve import HandedOver, Handover
+    from ._uringserve import HandedOver, Handover, Pulse
 
 # Below glibc's mmap threshold: a bigger recv() buffer costs an mmap/munmap pair per read.
 READ_SIZE = 64 * 1024
@@ -219,6 +219,7 @@ def serve_epoll(
     graceful_timeout: float = 30.0,
     metrics: MetricsSlot | None = None,
     adopt: Handover | None = None,
+    heartbeat: Pulse | None = None,
 ) -> None:
     """Serve until stopping() is true after a wake-up; returns with every connection closed.
 
@@ -235,6 +236,9 @@ def serve_epoll(
 
     With `threads` > 1 the app runs on a pool of that many threads, one request of a
     connection at a time; with 1, inline on this thread.
+
+    `heartbeat` (a worker's, for --timeout) is beaten at least once per its interval while
+    this loop runs, idle or not; an app call running inline on this thread holds it still.
     """
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -395,6 +399,7 @@ def serve_epoll(
 
     deadline: float | None = None  # the graceful deadline, once draining
     woken_before = False
+    next_beat = 0.0
     try:
         if adopt is not None:
             woken_before = adopt_all(adopt)
@@ -407,6 +412,13 @@ def serve_epoll(
             due = timers.next_due()
             if deadline is not None:
                 due = deadline if due is None else min(due, deadline)
+            if heartbeat is not None:
+                # One clock read a pass; a beat (a store in shared memory) once an interval.
+                now = time.monotonic()
+                if now >= next_beat:
+                    heartbeat.beat()
+                    next_beat = now + heartbeat.interval
+                due = next_beat if due is None else min(due, next_beat)
             if woken:
                 due = time.monotonic()
             events = sel.select(None if due is None else max(0.0, due - time.monotonic()))

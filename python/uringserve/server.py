@@ -15,7 +15,7 @@ from .loader import check_spec, load_app
 from .policy import capabilities, resolve_policy
 
 if TYPE_CHECKING:
-    from ._uringserve import MetricsSlot, TlsConfig
+    from ._uringserve import MetricsSlot, Pulse, TlsConfig
     from .metrics import MetricsServer
 
 WsgiCallable = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -136,6 +136,8 @@ class Server:
         # Times a sick ring handed this server's connections to epoll (live fallback).
         self.fallback_engaged = 0
         self._fell_back = False
+        # A worker's heartbeat (--timeout), set by worker.py: both loops beat it.
+        self._heartbeat: Pulse | None = None
 
     def _start_observing(self) -> None:
         """Logs and metrics (see logs.py, metrics.py); a worker gets its metrics slot from
@@ -220,6 +222,7 @@ class Server:
             "keep_alive_timeout": c.keep_alive_timeout,
             "body_timeout": c.body_timeout,
             "max_connections": c.max_connections,
+            "heartbeat": self._heartbeat,
         }
 
     def _draining(self, app: Any) -> bool:

@@ -19,7 +19,7 @@ from .loader import load_app
 from .policy import Unsupported
 
 if TYPE_CHECKING:
-    from ._uringserve import MetricsSlot
+    from ._uringserve import MetricsSlot, Pulse
     from .server import Server
 
 error_log = logging.getLogger("uringserve.error")
@@ -96,12 +96,14 @@ def run_worker(
     notes: int,
     mask: set[int | signal.Signals],
     metrics: MetricsSlot | None = None,
+    heartbeat: Pulse | None = None,
 ) -> NoReturn:
     """The body of a forked worker, which starts with the master's signals blocked (`mask`
-    is the mask to restore) and counts in its `metrics` slot; never returns."""
+    is the mask to restore), counts in its `metrics` slot and beats its `heartbeat` (for
+    --timeout) from its serve loop; never returns."""
     status = 0
     try:
-        status = _serve(master, number, master_pid, notes, mask, metrics)
+        status = _serve(master, number, master_pid, notes, mask, metrics, heartbeat)
     except BaseException:
         error_log.error(
             "worker %d (pid %d) failed:\n%s", number, os.getpid(), traceback.format_exc()
@@ -119,6 +121,7 @@ def _serve(
     notes: int,
     mask: set[int | signal.Signals],
     metrics: MetricsSlot | None,
+    heartbeat: Pulse | None,
 ) -> int:
     from .server import Server, WorkerRole
 
@@ -163,6 +166,7 @@ def _serve(
     if c.reuse_port:
         master.socket.close()
     server._metrics_slot = metrics
+    server._heartbeat = heartbeat
     server._worker = WorkerRole(c, lambda: _note(notes, RETIRING))
     install_stop_signals(server)
     for signum in early:
