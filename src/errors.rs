@@ -464,6 +464,64 @@ impl From<MetricsError> for PyErr {
     }
 }
 
+/// Why the workers' heartbeat block (`--timeout`) or one of its slots could not be used.
+#[derive(Debug)]
+pub enum HeartbeatError {
+    /// The shared mapping could not be made.
+    Map(io::Error),
+    NoCapacity,
+    /// A slot index outside 0..capacity.
+    NoSuchSlot(usize, usize),
+    /// An interval that is not a positive, finite number of seconds.
+    BadInterval(f64),
+}
+
+impl fmt::Display for HeartbeatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeartbeatError::Map(e) => write!(f, "cannot map the shared heartbeat block: {e}"),
+            HeartbeatError::NoCapacity => {
+                write!(f, "a heartbeat block needs room for one worker")
+            }
+            HeartbeatError::NoSuchSlot(i, cap) => {
+                write!(
+                    f,
+                    "heartbeat slot {i} does not exist (slots are 0 to {cap} - 1)"
+                )
+            }
+            HeartbeatError::BadInterval(s) => write!(
+                f,
+                "a heartbeat interval must be a positive number of seconds, not {s}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HeartbeatError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HeartbeatError::Map(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<HeartbeatError> for PyErr {
+    fn from(err: HeartbeatError) -> PyErr {
+        match err {
+            // OSError(errno, message): Python picks the subclass of the errno.
+            HeartbeatError::Map(ref e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
+                PyOSError::new_err((errno, err.to_string()))
+            }
+            HeartbeatError::NoSuchSlot(..) => PyIndexError::new_err(err.to_string()),
+            HeartbeatError::NoCapacity | HeartbeatError::BadInterval(_) => {
+                PyValueError::new_err(err.to_string())
+            }
+        }
+    }
+}
+
 /// A refused `--access-log-format`: the message says what is wrong with it.
 impl From<crate::wsgi::access_log::FormatError> for PyErr {
     fn from(err: crate::wsgi::access_log::FormatError) -> PyErr {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
-use crate::errors::{MetricsError, RingError};
+use crate::errors::HeartbeatError;
 use crate::shm::SharedCounters;
 
 /// A counter per worker slot, mapped before the fork. The master hands out the slots (in
@@ -38,30 +38,26 @@ impl Heartbeats {
     /// The handle a worker's loops beat with, at least once per `interval` seconds.
     fn pulse(&self, index: usize, interval: f64) -> PyResult<Pulse> {
         self.check(index)?;
-        let interval = Duration::try_from_secs_f64(interval)
+        let every = Duration::try_from_secs_f64(interval)
             .ok()
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                RingError::InvalidArgument(format!(
-                    "a heartbeat interval must be a positive number of seconds, not {interval}"
-                ))
-            })?;
-        Ok(self.pulse_every(index, interval))
+            .ok_or(HeartbeatError::BadInterval(interval))?;
+        Ok(self.pulse_every(index, every))
     }
 }
 
 impl Heartbeats {
-    fn new(capacity: usize) -> Result<Self, MetricsError> {
+    fn new(capacity: usize) -> Result<Self, HeartbeatError> {
         if capacity == 0 {
-            return Err(MetricsError::NoCapacity);
+            return Err(HeartbeatError::NoCapacity);
         }
-        let cells = SharedCounters::new(capacity).map_err(MetricsError::Map)?;
+        let cells = SharedCounters::new(capacity).map_err(HeartbeatError::Map)?;
         Ok(Heartbeats {
             cells: Arc::new(cells),
         })
     }
 
-    fn counted(&self, index: usize) -> Result<u64, MetricsError> {
+    fn counted(&self, index: usize) -> Result<u64, HeartbeatError> {
         self.check(index)?;
         Ok(self.cells.cells()[index].load(Ordering::Relaxed))
     }
@@ -74,11 +70,10 @@ impl Heartbeats {
         }
     }
 
-    fn check(&self, index: usize) -> Result<(), MetricsError> {
+    fn check(&self, index: usize) -> Result<(), HeartbeatError> {
         let len = self.cells.cells().len();
         if index >= len {
-            // Shown 1-based, as the metrics slots are.
-            return Err(MetricsError::NoSuchSlot(index + 1, len));
+            return Err(HeartbeatError::NoSuchSlot(index, len));
         }
         Ok(())
     }

@@ -186,3 +186,23 @@ def test_a_worker_replaced_by_sighup_drains_under_the_graceful_timeout(
         assert server.wait(timeout=30) == 0, server.log()
     finally:
         server.close()
+
+
+def test_a_heartbeat_from_a_forked_child_reaches_the_parent() -> None:
+    from uringserve._uringserve import Heartbeats
+
+    block = Heartbeats(4)
+    pulse = block.pulse(3, 0.5)
+    assert (pulse.index, pulse.interval, block.count(3)) == (3, 0.5, 0)
+    pid = os.fork()
+    if pid == 0:
+        pulse.beat()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert block.count(3) == 1 and block.count(2) == 0
+    with pytest.raises(IndexError, match="slot 4"):
+        block.count(4)
+    with pytest.raises(ValueError, match="interval"):
+        block.pulse(0, 0.0)
+    with pytest.raises(ValueError, match="room"):
+        Heartbeats(0)
