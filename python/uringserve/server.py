@@ -248,6 +248,10 @@ class Server:
         handles SIGTERM/SIGINT, SIGQUIT, SIGHUP, SIGTTIN and SIGTTOU (on the main thread).
         """
         if self._metrics is not None:
+            if not self.config.workers and self._metrics_slot is None:
+                # Claimed before the listener answers, so no scrape sees a serving process
+                # without its slot (uringserve_workers 0).
+                self._metrics_slot = self._metrics.slot(0)
             self._metrics.start()
         # _stop is not cleared here: a shutdown() that came first (say, from a signal during
         # start-up) must still stop this run. It is cleared when the run ends.
@@ -259,8 +263,6 @@ class Server:
 
                 Arbiter(self).run()
                 return
-            if self._metrics is not None and self._metrics_slot is None:
-                self._metrics_slot = self._metrics.slot(0)
             self._serve_here()
         finally:
             self._stop.clear()
