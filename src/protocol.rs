@@ -372,4 +372,10 @@ impl HttpProtocol {
     fn refuse_keep_alive(&self) {
         lock_io(&self.io).conn.refuse_keep_alive();
     }
+
+    /// What to send before the server closes this connection on its own (a timeout, a
+    /// graceful stop): close_notify under TLS once the handshake is done, else nothing.
+    fn farewell<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &tls::farewell(&mut lock_io(&self.io)))
+    }
 }

@@ -451,6 +451,23 @@ impl Core {
         }
     }
 
+    /// Closes a connection the server ends on its own (a timeout, a graceful stop). Under
+    /// TLS the peer first gets close_notify, so it can tell this end from a cut connection;
+    /// best effort and without waiting: a few bytes, into a socket with nothing else queued.
+    fn close_owing_nothing(&mut self, fd: i32) -> RingResult<()> {
+        if let Some(conn) = self.conns.get(fd) {
+            if let State::Working(w) = &conn.state {
+                if conn.sends_in_flight == 0 && conn.unsent == 0 {
+                    let wire = tls::farewell(&mut lock_io(&w.io));
+                    if !wire.is_empty() {
+                        let _ = send_waiting(fd, &wire, Duration::ZERO);
+                    }
+                }
+            }
+        }
+        self.close(fd)
+    }
+
     /// Forgets the connection and cancels its ops; the fd closes after their final CQEs, so
     /// its number cannot be reused while the kernel still holds them.
     fn close(&mut self, fd: i32) -> RingResult<()> {
@@ -522,7 +539,7 @@ impl Core {
                 Some(conn) if conn.queued || conn.busy() => conn.overdue = true,
                 Some(_) => {
                     self.timed_out[kind.index()] += 1;
-                    self.close(fd)?;
+                    self.close_owing_nothing(fd)?;
                 }
                 None => {}
             }
@@ -544,7 +561,7 @@ impl Core {
             if let Some(kind) = was {
                 self.timed_out[kind.index()] += 1;
             }
-            return self.close(fd);
+            return self.close_owing_nothing(fd);
         }
         self.timers.apply(fd as u32, timer, Instant::now());
         Ok(())
@@ -746,7 +763,7 @@ impl Core {
         self.torn_down = true;
         let fds: Vec<i32> = self.conns.fds().collect();
         for fd in fds {
-            let _ = self.close(fd);
+            let _ = self.close_owing_nothing(fd);
         }
         let confirmed = self.hp.shut_down(SHUTDOWN_WAIT);
         self.publish_metrics();
@@ -1053,7 +1070,7 @@ impl Core {
             }
         }
         for fd in idle {
-            self.close(fd)?;
+            self.close_owing_nothing(fd)?;
         }
         Ok(self.conns.len() == 0 && self.unclosed.is_empty())
     }

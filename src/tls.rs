@@ -146,6 +146,19 @@ pub fn sealed(io: &mut ConnIo, plain: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// What ends a TLS session cleanly (close_notify), for a connection closed with nothing
+/// else to send (a timeout, a graceful stop). Empty without TLS, after a TLS failure, and
+/// before the handshake is done (a peer that never finished it is simply cut off).
+pub fn farewell(io: &mut ConnIo) -> Vec<u8> {
+    let mut wire = Vec::new();
+    if let Some(tls) = io.tls.as_deref_mut() {
+        if !tls.tls.is_handshaking() {
+            tls.seal(&[], true, &mut wire);
+        }
+    }
+    wire
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

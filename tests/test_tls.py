@@ -138,6 +138,32 @@ class BioHandshake:
                 return exc
         raise AssertionError("handshake did not finish in 100 rounds")
 
+    def read_until(self, marker: bytes) -> bytes:
+        """Plaintext from the server until `marker` has come (the connection stays open)."""
+        plain = b""
+        while marker not in plain:
+            data = self.sock.recv(65536)
+            assert data, f"closed before {marker!r}: {plain!r}"
+            self.incoming.write(data)
+            try:
+                plain += self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+        return plain
+
+    def read_to_clean_end(self) -> bytes:
+        """Plaintext from the server until it closes. After close_notify a read returns b"";
+        a ragged close (a TCP FIN alone) raises SSLEOFError here instead."""
+        self.incoming.write(read_until_closed(self.sock))
+        self.incoming.write_eof()
+        plain = b""
+        for _ in range(1000):
+            chunk = self.obj.read(65536)
+            if not chunk:
+                return plain
+            plain += chunk
+        raise AssertionError("the server kept sending")
+
 
 # ---- HTTPS requests ------------------------------------------------------------------------
 
@@ -215,17 +241,36 @@ def test_server_close_sends_close_notify(serve: Callable[..., ServerThread], pki
         assert hs.run() is None
         hs.obj.write(get(extra="Connection: close\r\n"))
         hs.flush()
-        hs.incoming.write(read_until_closed(sock))
-        hs.incoming.write_eof()
-        plain = b""
-        # After close_notify a read returns b""; a ragged close (a TCP FIN alone) would
-        # raise SSLEOFError here instead.
-        for _ in range(1000):
-            chunk = hs.obj.read(65536)
-            if not chunk:
-                break
-            plain += chunk
+        plain = hs.read_to_clean_end()
         assert plain.startswith(b"HTTP/1.1 200 ") and plain.endswith(b"hello")
+
+
+@pytest.mark.parametrize("how", ["keep_alive_timeout", "header_timeout", "graceful_stop", "stop"])
+def test_a_connection_the_server_ends_on_its_own_gets_close_notify(
+    serve: Callable[..., ServerThread], pki: Pki, how: str
+) -> None:
+    """An idle keep-alive connection timed out, a request head cut off by the header timeout,
+    an idle connection closed by a graceful or an immediate stop: each ends with
+    close_notify, so the client can tell the server's end from a cut connection."""
+    st = serve(hello_app, keep_alive_timeout=0.5, header_timeout=0.5, **tls_options(pki))
+    with socket.create_connection(st.address, timeout=TIMEOUT) as sock:
+        hs = BioHandshake(sock, client_context(pki))
+        assert hs.run() is None
+        if how == "header_timeout":
+            hs.obj.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            hs.flush()
+        else:
+            hs.obj.write(get())
+            hs.flush()
+            assert hs.read_until(b"hello").startswith(b"HTTP/1.1 200 ")
+        stopper = None
+        if how.endswith("stop"):
+            graceful = how == "graceful_stop"
+            stopper = threading.Thread(target=st.server.shutdown, kwargs={"graceful": graceful})
+            stopper.start()
+        assert hs.read_to_clean_end() == b""
+    if stopper is not None:
+        stopper.join(TIMEOUT)
 
 
 def test_alpn_without_http11_is_refused(serve: Callable[..., ServerThread], pki: Pki) -> None:

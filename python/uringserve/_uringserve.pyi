@@ -270,6 +270,9 @@ class HttpProtocol:
     @property
     def idle(self) -> bool: ...
     def refuse_keep_alive(self) -> None: ...
+    def farewell(self) -> bytes:
+        """close_notify under TLS (after the handshake), else b"": sent before the server
+        closes the connection on its own."""
 
 @final
 class UringServer:

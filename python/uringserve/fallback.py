@@ -276,12 +276,24 @@ def serve_epoll(
         if metrics is not None:
             metrics.set_connections(len(conns))
 
+    def close_owing_nothing(conn: _Conn) -> None:
+        """Closes a connection the server ends on its own (a timeout, a graceful stop); under
+        TLS the peer gets close_notify first, best effort, so it can tell this from a cut."""
+        if not conn.out and not conn.busy:
+            farewell = conn.proto.farewell()
+            if farewell:
+                try:
+                    conn.sock.send(farewell)
+                except OSError:
+                    pass  # full or gone: the close alone has to do
+        close(conn)
+
     def retime(conn: _Conn, turned: bool) -> bool:
         """Moves the connection's deadline after a turn (or a flush); False if it closed."""
         now = time.monotonic()
         timer = conn.proto.timer(bool(conn.out)) if turned else "keep"
         if conn.overdue and timer == "keep":
-            close(conn)
+            close_owing_nothing(conn)
             return False
         conn.overdue = False
         timers.apply(conn, timer, now)
@@ -300,7 +312,7 @@ def serve_epoll(
             if conn in ready or conn.busy:
                 conn.overdue = True
             elif conn.sock.fileno() in conns:
-                close(conn)
+                close_owing_nothing(conn)
 
     def update(conn: _Conn) -> None:
         if conn.proto.closing and not conn.out:
@@ -365,7 +377,7 @@ def serve_epoll(
             if conn.busy:
                 continue
             if _idle(conn):
-                close(conn)
+                close_owing_nothing(conn)
             elif pump(conn):
                 update(conn)
         return not conns
@@ -482,7 +494,7 @@ def serve_epoll(
                 return
     finally:
         for conn in list(conns.values()):
-            close(conn)
+            close_owing_nothing(conn)
         sel.close()
         if pool is not None:
             pool.stop()
