@@ -25,6 +25,7 @@ mod shm;
 mod slab;
 mod tls;
 mod tls_config;
+mod tls_failures;
 pub mod transport;
 pub mod uring;
 mod working;

@@ -29,8 +29,8 @@ const BUCKETS: [(&str, u64); 14] = [
     ("10", 10_000_000_000),
 ];
 
-/// Where each value lives in a slot. Words from REQUESTS to FALLBACK are counters, folded
-/// into the retired total when a worker dies; the others describe the live worker.
+/// Where each value lives in a slot. Words from REQUESTS to LAST_COUNTER are counters,
+/// folded into the retired total when a worker dies; the others describe the live worker.
 mod word {
     pub const LIVE: usize = 0;
     pub const WORKER: usize = 1;
@@ -43,10 +43,12 @@ mod word {
     pub const DURATION_NS: usize = BUCKETS + super::BUCKETS.len() + 1;
     pub const RING: usize = DURATION_NS + 1;
     pub const FALLBACK: usize = RING + super::RING_COUNTERS.len();
+    pub const TLS_FAILURES: usize = FALLBACK + 1;
+    pub const LAST_COUNTER: usize = TLS_FAILURES;
 }
 /// 384 bytes: a whole number of cache lines, so no two workers write the same line.
 const SLOT_WORDS: usize = 48;
-const _: () = assert!(word::FALLBACK < SLOT_WORDS);
+const _: () = assert!(word::LAST_COUNTER < SLOT_WORDS);
 
 /// The io_uring counters, as metric names (after `uringserve_io_uring_`) with their help.
 const RING_COUNTERS: [(&str, &str); 7] = [
@@ -148,6 +150,11 @@ impl Slot {
     /// A sick ring handed this worker over to epoll.
     pub fn fallback_engaged(&self) {
         self.add(word::FALLBACK, 1);
+    }
+
+    /// A TLS session failed (a bad handshake, a bad record) and its connection was closed.
+    pub fn tls_failed(&self) {
+        self.add(word::TLS_FAILURES, 1);
     }
 }
 
@@ -267,7 +274,7 @@ impl Block {
             return Ok(());
         }
         let retired = self.cells(0);
-        for w in word::REQUESTS..=word::FALLBACK {
+        for w in word::REQUESTS..=word::LAST_COUNTER {
             retired[w].fetch_add(cells[w].swap(0, Ordering::Relaxed), Ordering::Relaxed);
         }
         for c in cells {
@@ -344,6 +351,14 @@ impl Block {
             "counter",
         );
         let _ = writeln!(out, "{name} {}", total(word::FALLBACK));
+        let name = "uringserve_tls_failures_total";
+        header(
+            &mut out,
+            name,
+            "TLS sessions that failed (a bad handshake or record); their connections closed.",
+            "counter",
+        );
+        let _ = writeln!(out, "{name} {}", total(word::TLS_FAILURES));
         gauge(
             &mut out,
             "uringserve_workers",

@@ -16,6 +16,7 @@ use crate::pool::AppThreads;
 use crate::session::Session;
 use crate::tls::{self, TlsFilter};
 use crate::tls_config::TlsConfig;
+use crate::tls_failures;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::wsgi::app::WsgiApp;
 use crate::wsgi::environ::{Peer, PeerHost, ServerInfo};
@@ -310,7 +311,17 @@ impl HttpProtocol {
         if session.closing() {
             return PyBytes::new(py, b"");
         }
-        let reply = tls::receive_wire(&mut lock_io(&session.io), data);
+        let (reply, failure) = {
+            let mut io = lock_io(&session.io);
+            let reply = tls::receive_wire(&mut io, data);
+            (reply, tls::take_failure(&mut io))
+        };
+        if let Some(why) = failure {
+            if let Some(slot) = self.app.get().app().observer.metrics() {
+                slot.tls_failed();
+            }
+            tls_failures::log(py, &tls_failures::peer_of(&session.peer), &why);
+        }
         self.process(py, &mut session, reply)
     }
 

@@ -24,7 +24,8 @@ use crate::pool::{AppThreads, Handback, Job};
 use crate::protocol::PyWsgiApp;
 use crate::pyargs::fd_of;
 use crate::session::{Session, OUT_HIGH_WATER};
-use crate::tls::{self, TlsFilter};
+use crate::tls::{self, TlsFailure, TlsFilter};
+use crate::tls_failures;
 use crate::transport::{lock_io, ConnIo, SharedIo, Transport};
 use crate::uring::{close_fd, peer_addr, send_waiting};
 use crate::working::{lock_session, WorkPool, Working};
@@ -159,6 +160,8 @@ struct Core {
     /// A busy connection received something: body reads on the pool are told.
     input_moved: bool,
     handbacks: Vec<Handback>,
+    /// TLS sessions that failed since the loop last held the GIL: the peer and why.
+    tls_failures: Vec<(String, TlsFailure)>,
     /// Times a connection's recv was stopped for `INPUT_CAP_ON_POOL`.
     input_pauses: u64,
 }
@@ -340,11 +343,20 @@ impl Core {
                 let mut io = lock_io(&w.io);
                 io.arrivals = io.arrivals.wrapping_add(1);
                 let reply = tls::receive_wire(&mut io, data);
+                let failure = tls::take_failure(&mut io);
                 let pause = on_pool && io.conn.buffered() > INPUT_CAP_ON_POOL;
                 if pause {
                     io.input_paused = true;
                 }
                 drop(io);
+                if let Some(why) = failure {
+                    if let Some(m) = &self.metrics {
+                        m.slot().tls_failed();
+                    }
+                    // Logged where the loop holds the GIL (`log_tls_failures`).
+                    let peer = tls_failures::peer_text(peer_addr(done.fd).ok().flatten());
+                    self.tls_failures.push((peer, why));
+                }
                 self.hp.release_buffer(bid.into())?;
                 if pause && !self.hp.recv_paused(done.fd) {
                     self.hp.pause_recv(done.fd)?;
@@ -1226,10 +1238,17 @@ impl UringServer {
                 }
                 // With a pool the batch runs there, and this loop goes back to the ring.
                 core.dispatch(&mut batch);
-                Ok(std::mem::take(&mut core.woken))
+                // Taken here, under the lock already held; logged below, with the GIL.
+                let tls_failed = std::mem::take(&mut core.tls_failures);
+                Ok((std::mem::take(&mut core.woken), tls_failed))
             });
             let woken = match waited {
-                Ok(woken) => woken,
+                Ok((woken, tls_failed)) => {
+                    for (peer, why) in &tls_failed {
+                        tls_failures::log(py, peer, why);
+                    }
+                    woken
+                }
                 Err(_) if self.sick() => return Ok(Ended::Sick(deadline, false)),
                 Err(e) => return Err(e.into()),
             };
@@ -1375,6 +1394,7 @@ impl UringServer {
             pool_woken: false,
             input_moved: false,
             handbacks: Vec::new(),
+            tls_failures: Vec::new(),
             input_pauses: 0,
         }));
         let transport: Arc<dyn Transport> = Arc::new(LoopTransport {

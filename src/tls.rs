@@ -2,7 +2,8 @@
 //! core. Ciphertext goes in and its plaintext lands in the connection; plaintext goes in and
 //! records come out for the loop to send. Both loops use it the same way.
 
-use std::io::{BufRead, Write};
+use std::fmt;
+use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 
 use rustls::{ServerConfig, ServerConnection};
@@ -14,12 +15,30 @@ use crate::transport::ConnIo;
 const RECORD_OVERHEAD: usize = 64;
 const MAX_RECORD: usize = 16 * 1024;
 
+/// Why a TLS session failed, as rustls (or the read feeding it) said.
+#[derive(Debug)]
+pub enum TlsFailure {
+    Read(io::Error),
+    Session(rustls::Error),
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsFailure::Read(e) => write!(f, "reading TLS records: {e}"),
+            TlsFailure::Session(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 pub struct TlsFilter {
     tls: ServerConnection,
     /// The session failed (an alert has been produced) or the peer sent close_notify:
     /// nothing more is read, and after a failure nothing more is sealed.
     read_done: bool,
     failed: bool,
+    /// Why it failed, until the loop takes it to log and count (`take_failure`).
+    failure: Option<TlsFailure>,
 }
 
 impl TlsFilter {
@@ -28,6 +47,7 @@ impl TlsFilter {
             tls: ServerConnection::new(config.clone())?,
             read_done: false,
             failed: false,
+            failure: None,
         })
     }
 
@@ -43,15 +63,15 @@ impl TlsFilter {
                 Ok(_) => {}
                 // Only a full plaintext buffer refuses input, and it is drained after each
                 // read; treat it like any other failure rather than spin.
-                Err(_) => self.fail(),
+                Err(e) => self.fail(TlsFailure::Read(e)),
             }
             if self.read_done {
                 break;
             }
             let processed = self.tls.process_new_packets();
             self.drain_plaintext(http);
-            if processed.is_err() {
-                self.fail();
+            if let Err(e) = processed {
+                self.fail(TlsFailure::Session(e));
             }
         }
         if self.read_done {
@@ -87,9 +107,10 @@ impl TlsFilter {
         self.flush(wire);
     }
 
-    fn fail(&mut self) {
+    fn fail(&mut self, why: TlsFailure) {
         self.read_done = true;
         self.failed = true;
+        self.failure.get_or_insert(why);
     }
 
     fn drain_plaintext(&mut self, http: &mut Connection) {
@@ -132,6 +153,11 @@ pub fn receive_wire(io: &mut ConnIo, data: &[u8]) -> Vec<u8> {
         }
         Some(tls) => tls.receive(data, &mut io.conn),
     }
+}
+
+/// Why the connection's TLS session failed, once: the next call returns None.
+pub fn take_failure(io: &mut ConnIo) -> Option<TlsFailure> {
+    io.tls.as_deref_mut()?.failure.take()
 }
 
 /// Plaintext for the peer as it goes on the wire: itself without TLS, else its records.
@@ -231,6 +257,13 @@ mod tests {
             wire.extend(tls.receive(byte, &mut http));
         }
         assert!(http.input_ended());
+        // The reason is kept for the loop to log and count, once.
+        let kept = tls.failure.take().map(|f| f.to_string());
+        assert!(
+            kept.as_deref()
+                .is_some_and(|why| why.contains("certificate")),
+            "{kept:?}"
+        );
         client.read_tls(&mut wire.as_slice()).unwrap();
         // rustls refuses a handshake it has no certificate for with access_denied.
         assert_eq!(

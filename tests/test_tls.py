@@ -4,6 +4,7 @@ large bodies both ways, client certificates, and the CLI's TLS options."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -21,7 +22,8 @@ import trustme
 
 import uringserve
 from proc_util import ServerProcess
-from server_util import Reader, ServerThread, echo_app, get, hello_app
+from server_util import Reader, ServerThread, echo_app, get, hello_app, wait_until
+from test_metrics import scrape, value
 
 TIMEOUT = 10.0
 BIG = 10 * 1024 * 1024
@@ -335,6 +337,54 @@ def test_bad_handshake_is_closed_without_harm(
         assert answer == b"" or answer[0] in (21, 22), answer[:16]
         served_ok(st, pki)
     served_ok(st, pki)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_tls_failures_are_logged_at_debug_and_counted(
+    serve: Callable[..., ServerThread], pki: Pki
+) -> None:
+    """Each failed session is one DEBUG line on uringserve.error naming the peer and rustls's
+    reason, and one count in uringserve_tls_failures_total; good clients add neither."""
+    logger = logging.getLogger("uringserve.error")
+    collect, level = _Collect(), logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.DEBUG)
+    try:
+        st = serve(hello_app, metrics_bind="127.0.0.1:0", **tls_options(pki))
+        address = st.server.metrics_address
+        assert address is not None
+        served_ok(st, pki)
+        ports = set()
+        for misbehave in (garbage, plain_http, untrusting):
+            with socket.create_connection(st.address, timeout=TIMEOUT) as bad:
+                ports.add(bad.getsockname()[1])
+                misbehave(bad, pki)
+        served_ok(st, pki)
+
+        def failures() -> list[logging.LogRecord]:
+            return [r for r in collect.records if r.getMessage().startswith("TLS with ")]
+
+        assert wait_until(lambda: len(failures()) == 3), [r.getMessage() for r in failures()]
+        named = set()
+        for record in failures():
+            assert record.levelno == logging.DEBUG, record
+            peer, _, why = record.getMessage().removeprefix("TLS with ").partition(" failed: ")
+            host, _, port = peer.rpartition(":")
+            assert host == "127.0.0.1" and why, record.getMessage()
+            named.add(int(port))
+        assert named == ports
+        assert wait_until(lambda: value(scrape(address), "uringserve_tls_failures_total") == 3)
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(level)
 
 
 def test_stalled_handshake_is_closed_by_the_header_timeout(
