@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from server_util import ServerThread
+from server_util import LogRecords, ServerThread
 from sockutil import Resources
 
 try:
@@ -141,15 +141,6 @@ def serve(backend: str) -> Iterator[Callable[..., ServerThread]]:
         assert not st.errors, st.errors
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def server_errors() -> Iterator[list[logging.LogRecord]]:
     """Warnings and errors the server logs through "uringserve.error" during the test.
@@ -158,7 +149,7 @@ def server_errors() -> Iterator[list[logging.LogRecord]]:
     logger's level or pytest's capture settings are.
     """
     logger = logging.getLogger("uringserve.error")
-    handler = _Collect()
+    handler = LogRecords(logging.WARNING)
     logger.addHandler(handler)
     try:
         yield handler.records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -195,6 +196,17 @@ class Reader:
             if self.read_exact(2, deadline) != b"\r\n":
                 raise AssertionError("chunk not followed by CRLF")
         raise AssertionError("too many chunks")
+
+
+class LogRecords(logging.Handler):
+    """Keeps every record at `level` or above that reaches it, for a test to look at."""
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def request(

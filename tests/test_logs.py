@@ -21,7 +21,7 @@ import pytest
 
 import uringserve
 from proc_util import TESTS_DIR, ServerProcess, answered_by, get_body
-from server_util import ServerThread, get, request, wait_until
+from server_util import LogRecords, ServerThread, get, request, wait_until
 from uringserve import logs
 
 # [21/Nov/2026:09:13:24 +0000]
@@ -284,15 +284,6 @@ def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
     return [b"hi"]
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def default_access() -> Iterator[Callable[[], logging.Logger]]:
     """Puts the access logger as logs.default_handlers leaves it, its handler on fd 2 (which
@@ -382,7 +373,7 @@ def test_default_access_encoding_reads_the_whole_configuration(
         ("terminator", lambda: setattr(handler, "terminator", "\r\n"), lambda: None),
         ("stream", lambda: handler.setStream(io.StringIO()), lambda: None),
         ("stdout", lambda: handler.setStream(sys.__stdout__), lambda: None),
-        ("second handler", lambda: logger.addHandler(_Records()), lambda: None),
+        ("second handler", lambda: logger.addHandler(LogRecords()), lambda: None),
         ("no handler", lambda: logger.removeHandler(handler), lambda: None),
         (
             "record factory",
@@ -478,7 +469,7 @@ def test_a_users_handler_gets_the_records(
 ) -> None:
     access = default_access()
     fd2 = Fd2(capfd)
-    mine = _Records()
+    mine = LogRecords()
     access.addHandler(mine)
     st = serve(hello, access_log=True)
     before = time.time()
@@ -562,7 +553,7 @@ def test_a_change_made_while_serving_governs_later_lines(
     st = serve(hello, access_log=True)
     ask(st, "/before")
     assert fd2.paths() == ["/before"]
-    mine = _Records()
+    mine = LogRecords()
     access.addHandler(mine)
     sent = iter(range(10_000))
 

@@ -22,7 +22,7 @@ import trustme
 
 import uringserve
 from proc_util import ServerProcess
-from server_util import Reader, ServerThread, echo_app, get, hello_app, wait_until
+from server_util import LogRecords, Reader, ServerThread, echo_app, get, hello_app, wait_until
 from test_metrics import scrape, value
 
 TIMEOUT = 10.0
@@ -339,22 +339,13 @@ def test_bad_handshake_is_closed_without_harm(
     served_ok(st, pki)
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_tls_failures_are_logged_at_debug_and_counted(
     serve: Callable[..., ServerThread], pki: Pki
 ) -> None:
     """Each failed session is one DEBUG line on uringserve.error naming the peer and rustls's
     reason, and one count in uringserve_tls_failures_total; good clients add neither."""
     logger = logging.getLogger("uringserve.error")
-    collect, level = _Collect(), logger.level
+    collect, level = LogRecords(logging.DEBUG), logger.level
     logger.addHandler(collect)
     logger.setLevel(logging.DEBUG)
     try:
