@@ -410,6 +410,13 @@ impl From<TlsLoadError> for PyErr {
     }
 }
 
+/// A shared block (metrics, heartbeats) that could not be mapped: OSError(errno, message),
+/// so Python picks the subclass of the errno.
+fn shared_map_error(source: &io::Error, message: String) -> PyErr {
+    let errno = source.raw_os_error().unwrap_or(libc::EINVAL);
+    PyOSError::new_err((errno, message))
+}
+
 /// Why the metrics block or one of its slots could not be used.
 #[derive(Debug)]
 pub enum MetricsError {
@@ -451,11 +458,7 @@ impl std::error::Error for MetricsError {
 impl From<MetricsError> for PyErr {
     fn from(err: MetricsError) -> PyErr {
         match err {
-            // OSError(errno, message): Python picks the subclass of the errno.
-            MetricsError::Map(ref e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
-                PyOSError::new_err((errno, err.to_string()))
-            }
+            MetricsError::Map(ref e) => shared_map_error(e, err.to_string()),
             MetricsError::NoSuchSlot(..) => PyIndexError::new_err(err.to_string()),
             MetricsError::NoCapacity | MetricsError::UnknownBackend(_) => {
                 PyValueError::new_err(err.to_string())
@@ -509,11 +512,7 @@ impl std::error::Error for HeartbeatError {
 impl From<HeartbeatError> for PyErr {
     fn from(err: HeartbeatError) -> PyErr {
         match err {
-            // OSError(errno, message): Python picks the subclass of the errno.
-            HeartbeatError::Map(ref e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
-                PyOSError::new_err((errno, err.to_string()))
-            }
+            HeartbeatError::Map(ref e) => shared_map_error(e, err.to_string()),
             HeartbeatError::NoSuchSlot(..) => PyIndexError::new_err(err.to_string()),
             HeartbeatError::NoCapacity | HeartbeatError::BadInterval(_) => {
                 PyValueError::new_err(err.to_string())
