@@ -1,20 +1,17 @@
 //! TLS sessions that failed, told to the error log at DEBUG (as gunicorn tells its SSL
 //! errors): a scanner or a misconfigured client is an everyday event, not a server fault.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use pyo3::prelude::*;
 
 use crate::tls::TlsFailure;
 use crate::wsgi::environ::{Peer, PeerHost};
 
-/// The peer as the log line names it: `ip:port`, or `-` when it could not be read.
+/// The peer as the log line names it: `ip:port` (`[ip]:port` for IPv6, as SocketAddr
+/// writes it), or `-` when it could not be read.
 pub fn peer_text(peer: Option<(IpAddr, u16)>) -> String {
-    match peer {
-        Some((IpAddr::V6(ip), port)) => format!("[{ip}]:{port}"),
-        Some((ip, port)) => format!("{ip}:{port}"),
-        None => "-".to_owned(),
-    }
+    peer.map_or_else(|| "-".to_owned(), |addr| SocketAddr::from(addr).to_string())
 }
 
 /// A session's peer as the log line names it.
@@ -38,5 +35,19 @@ pub fn log(py: Python<'_>, peer: &str, why: &TlsFailure) {
         });
     if let Err(err) = logged {
         err.write_unraisable(py, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_named_ip_colon_port_with_ipv6_in_brackets() {
+        let v4 = Some((IpAddr::from([127, 0, 0, 1]), 8443));
+        let v6 = Some((IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]), 8443));
+        assert_eq!(peer_text(v4), "127.0.0.1:8443");
+        assert_eq!(peer_text(v6), "[::1]:8443");
+        assert_eq!(peer_text(None), "-");
     }
 }
