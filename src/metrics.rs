@@ -339,26 +339,25 @@ impl Block {
             open,
         );
         for (i, (what, help)) in RING_COUNTERS.iter().enumerate() {
-            let name = format!("uringserve_io_uring_{what}_total");
-            header(&mut out, &name, &format!("io_uring: {help}."), "counter");
-            let _ = writeln!(out, "{name} {}", total(word::RING + i));
+            counter(
+                &mut out,
+                &format!("uringserve_io_uring_{what}_total"),
+                &format!("io_uring: {help}."),
+                total(word::RING + i),
+            );
         }
-        let name = "uringserve_fallback_engaged_total";
-        header(
+        counter(
             &mut out,
-            name,
+            "uringserve_fallback_engaged_total",
             "Workers whose io_uring ring turned unhealthy and handed over to epoll.",
-            "counter",
+            total(word::FALLBACK),
         );
-        let _ = writeln!(out, "{name} {}", total(word::FALLBACK));
-        let name = "uringserve_tls_failures_total";
-        header(
+        counter(
             &mut out,
-            name,
+            "uringserve_tls_failures_total",
             "TLS sessions that failed (a bad handshake or record); their connections closed.",
-            "counter",
+            total(word::TLS_FAILURES),
         );
-        let _ = writeln!(out, "{name} {}", total(word::TLS_FAILURES));
         gauge(
             &mut out,
             "uringserve_workers",
@@ -387,9 +386,18 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    header(out, name, help, "gauge");
+/// A metric of one unlabelled series.
+fn single(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
+    header(out, name, help, kind);
     let _ = writeln!(out, "{name} {value}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    single(out, name, help, "gauge", value);
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    single(out, name, help, "counter", value);
 }
 
 #[cfg(test)]
