@@ -281,10 +281,9 @@ impl AccessFacts for Finished<'_> {
     fn write_peer(&self, out: &mut String) {
         match self.peer {
             PeerHost::Name(name) if name.is_empty() => out.push('-'),
-            PeerHost::Name(name) => out.push_str(name),
-            PeerHost::Ip(ip) => {
-                // Writing to a String cannot fail.
-                let _ = write!(out, "{ip}");
+            // PeerHost's Display (the environ's REMOTE_ADDR); writing to a String cannot fail.
+            host => {
+                let _ = write!(out, "{host}");
             }
         }
     }
