@@ -130,17 +130,21 @@ def _state(pid: int) -> str:
     return stat.rpartition(")")[2].split()[0]
 
 
+def fds_linking(pid: int, target: str) -> set[int]:
+    """The process's open fds whose /proc link reads `target` (e.g. "anon_inode:[eventfd]")."""
+    found = set()
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(entry) == target:
+                found.add(int(entry.name))
+        except OSError:  # closed meanwhile (the listing's own fd among them)
+            continue
+    return found
+
+
 def ring_fds(pid: int) -> int:
     """How many io_uring instances the process holds open."""
-    count = 0
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for entry in fd_dir.iterdir():
-        try:
-            if os.readlink(entry) == RING_LINK:
-                count += 1
-        except OSError:
-            continue
-    return count
+    return len(fds_linking(pid, RING_LINK))
 
 
 def get_body(port: int, path: str = "/", timeout: float = 5.0) -> bytes:

@@ -19,6 +19,7 @@ import requests
 import test_request_body
 import test_server_http
 import test_timeouts
+from proc_util import fds_linking
 from server_util import Reader, ServerThread, echo_app, get, hello_app, post, request, wait_until
 from test_tls import Pki, client_context, connect_tls, pki, tls_options
 
@@ -30,6 +31,7 @@ BIG = 10 * 1024 * 1024
 # How long a test app waits for its peers or for the test: far past what the test needs,
 # so a failure shows as a broken barrier (or a timed-out wait), never as a hang.
 APP_WAIT = 10.0
+EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
 def test_four_requests_on_four_connections_run_at_once(
@@ -487,19 +489,6 @@ def test_input_is_held_back_while_the_app_runs_on_an_app_thread(backend: str) ->
         assert stats is not None and stats["input_pauses"] >= 1, stats
 
 
-def _eventfds() -> dict[int, str]:
-    """This process's eventfds, by fd, with the fd's target (to tell reused numbers apart)."""
-    found = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:  # closed meanwhile (the listing's own fd among them)
-            continue
-        if target == "anon_inode:[eventfd]":
-            found[int(name)] = target
-    return found
-
-
 def _eventfd_count(fd: int) -> int:
     with open(f"/proc/self/fdinfo/{fd}") as info:
         for line in info:
@@ -519,7 +508,7 @@ def test_app_threads_wake_the_ring_through_an_eventfd() -> None:
         start_response("200 OK", [])
         return [b"ok"]
 
-    before = _eventfds()
+    before = fds_linking(os.getpid(), EVENTFD_LINK)
     st = ServerThread(app, "on", threads=4)
     try:
         assert st.server.backend == "io_uring"
@@ -530,7 +519,7 @@ def test_app_threads_wake_the_ring_through_an_eventfd() -> None:
                 sock.sendall(get())
                 resp = reader.read_response()
                 assert (resp.status, resp.body) == (200, b"ok")
-        new = sorted(set(_eventfds()) - set(before))
+        new = sorted(fds_linking(os.getpid(), EVENTFD_LINK) - before)
         assert len(new) == 1, f"expected the pool's one eventfd, found {new}"
         # One request at a time: each finished turn found nothing waiting, so rang once.
         assert _eventfd_count(new[0]) >= requests_sent
