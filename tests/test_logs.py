@@ -178,19 +178,14 @@ def test_a_bad_log_config_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2 and ".json" in done.stderr
 
 
-def test_log_config_json_sends_every_workers_access_log_to_a_file(
-    tmp_path: Path, backend: str
-) -> None:
-    access = tmp_path / "access.log"
+def write_log_config(tmp_path: Path, access: dict[str, Any], access_format: str) -> Path:
+    """A logging.json sending uringserve.access to the `access` handler in `access_format`
+    and uringserve.error to stderr, neither propagating."""
     config = {
         "version": 1,
-        "formatters": {"bare": {"format": "%(message)s"}},
+        "formatters": {"access": {"format": access_format}},
         "handlers": {
-            "access": {
-                "class": "logging.FileHandler",
-                "filename": str(access),
-                "formatter": "bare",
-            },
+            "access": {**access, "formatter": "access"},
             "errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
         },
         "loggers": {
@@ -200,6 +195,16 @@ def test_log_config_json_sends_every_workers_access_log_to_a_file(
     }
     path = tmp_path / "logging.json"
     path.write_text(json.dumps(config))
+    return path
+
+
+def test_log_config_json_sends_every_workers_access_log_to_a_file(
+    tmp_path: Path, backend: str
+) -> None:
+    access = tmp_path / "access.log"
+    path = write_log_config(
+        tmp_path, {"class": "logging.FileHandler", "filename": str(access)}, "%(message)s"
+    )
     server = ServerProcess(
         [
             "--io-uring",
@@ -621,23 +626,11 @@ def test_cli_default_access_log_is_the_bare_line_after_the_apps_error_line(
 
 
 def test_log_config_decides_the_default_handlers_format(tmp_path: Path, backend: str) -> None:
-    config = {
-        "formatters": {"tagged": {"format": "ACCESS %(levelname)s %(name)s %(message)s"}},
-        "handlers": {
-            "access": {
-                "class": "uringserve.logs.AccessStreamHandler",
-                "stream": "ext://sys.stderr",
-                "formatter": "tagged",
-            },
-            "errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
-        },
-        "loggers": {
-            "uringserve.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
-            "uringserve.error": {"handlers": ["errors"], "level": "INFO", "propagate": False},
-        },
-    }
-    path = tmp_path / "logging.json"
-    path.write_text(json.dumps(config))
+    path = write_log_config(
+        tmp_path,
+        {"class": "uringserve.logs.AccessStreamHandler", "stream": "ext://sys.stderr"},
+        "ACCESS %(levelname)s %(name)s %(message)s",
+    )
     env = _app_module(tmp_path, LOGGING_APP)
     server = ServerProcess(
         ["--io-uring", backend, "--access-log", "--log-config", str(path)],
