@@ -99,7 +99,7 @@ class ServerProcess:
             pids = [int(p) for p in path.read_text().split()]
         except OSError:
             return []
-        return [p for p in pids if _state(p) not in ("Z", "X", "")]
+        return [p for p in pids if alive(p)]
 
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -128,6 +128,11 @@ def _state(pid: int) -> str:
     except OSError:
         return ""
     return stat.rpartition(")")[2].split()[0]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is neither a zombie nor dead."""
+    return _state(pid) not in ("Z", "X", "")
 
 
 def fds_linking(pid: int, target: str) -> set[int]:

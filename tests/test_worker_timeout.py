@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proc_util import ServerProcess, answered_by
+from proc_util import ServerProcess, alive, answered_by
 from server_util import wait_until
 
 TIMEOUT = 2
@@ -40,14 +40,6 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return sock.recv(4096) == b""
     except ConnectionResetError:
         return True
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def stays_up(server: ServerProcess, pid: int, period: float) -> bool:
