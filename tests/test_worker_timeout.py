@@ -35,6 +35,19 @@ def hang(port: int) -> socket.socket:
     return sock
 
 
+def outlasting_call(server: ServerProcess, taken: Path) -> socket.socket:
+    """A connection whose request (X-Id 1) runs the app past --timeout, returned once the app
+    has taken it (lifecycle_app writes the id to `taken`, its LIFECYCLE_LOG)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        sock.sendall(f"GET /slow?s={TIMEOUT + 2} HTTP/1.1\r\nHost: x\r\nX-Id: 1\r\n\r\n".encode())
+        assert wait_until(lambda: taken.exists() and taken.read_text() == "1\n", 10)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def closed_by_peer(sock: socket.socket) -> bool:
     try:
         return sock.recv(4096) == b""
@@ -131,12 +144,7 @@ def test_a_graceful_stop_is_governed_by_the_graceful_timeout(backend: str, tmp_p
     server = start(backend, "--graceful-timeout", "20", env={"LIFECYCLE_LOG": str(taken)})
     try:
         server.booted(1)
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        with sock:
-            sock.sendall(
-                f"GET /slow?s={TIMEOUT + 2} HTTP/1.1\r\nHost: x\r\nX-Id: 1\r\n\r\n".encode()
-            )
-            assert wait_until(lambda: taken.exists() and taken.read_text() == "1\n", 10)
+        with outlasting_call(server, taken) as sock:
             # The stop comes before the timeout, while the app call holds the loop: from then
             # on only the graceful timeout counts, and the call outlasts --timeout.
             server.send(signal.SIGTERM)
@@ -162,12 +170,7 @@ def test_a_worker_replaced_by_sighup_drains_under_the_graceful_timeout(
     server = start(backend, "--graceful-timeout", "20", env={"LIFECYCLE_LOG": str(taken)})
     try:
         (first,) = server.booted(1)
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        with sock:
-            sock.sendall(
-                f"GET /slow?s={TIMEOUT + 2} HTTP/1.1\r\nHost: x\r\nX-Id: 1\r\n\r\n".encode()
-            )
-            assert wait_until(lambda: taken.exists() and taken.read_text() == "1\n", 10)
+        with outlasting_call(server, taken) as sock:
             # The old worker drains its app call, longer than --timeout, while the master
             # carries on (and checks the new worker's heartbeat).
             server.send(signal.SIGHUP)
