@@ -104,6 +104,11 @@ class ServerProcess:
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
+    def stop_cleanly(self, timeout: float = 30) -> None:
+        """SIGTERM; the server must then exit with code 0 within `timeout`."""
+        self.send(signal.SIGTERM)
+        assert self.wait(timeout) == 0, self.log()
+
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout)
         self._reader.join(5)

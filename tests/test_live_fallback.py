@@ -288,8 +288,7 @@ def test_worker_moves_to_epoll_on_the_test_hook_signal(tmp_path: Path) -> None:
         assert ring_fds(sick) == 0, "the sick worker still holds its ring"
         assert ring_fds(healthy) >= 1
         assert server.proc.poll() is None, server.log()
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -366,8 +365,7 @@ def test_a_real_enter_error_moves_the_server_to_epoll_without_losing_the_respons
             sock.close()
         assert len(server.matches(SWITCHED)) == 1, server.log()
         assert ring_fds(server.pid) == 0, "the ring fd is still open"
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import socket
 import ssl
 import threading
@@ -533,8 +532,7 @@ def test_cli_serves_https(backend: str, pki: Pki, workers: int) -> None:
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
                 s.sendall(get())
                 assert Reader(s).read_response().status == 200
-        server.send(signal.SIGTERM)
-        assert server.wait(TIMEOUT) == 0, server.log()
+        server.stop_cleanly(TIMEOUT)
     finally:
         server.close()
 

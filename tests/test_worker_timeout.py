@@ -81,8 +81,7 @@ def test_a_worker_held_by_an_app_call_is_killed_and_replaced(backend: str) -> No
         second = server.booted(2)[1]
         assert second != first
         assert answered_by(server.port) == second
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -96,8 +95,7 @@ def test_an_idle_worker_is_not_killed(backend: str) -> None:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10):
             assert stays_up(server, first, period=TIMEOUT + 1), server.log()
         assert answered_by(server.port) == first
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -115,8 +113,7 @@ def test_app_calls_longer_than_the_timeout_on_app_threads_are_not_killed(backend
         assert time.monotonic() - took >= TIMEOUT + 2
         assert alive(first) and not server.matches("timed out after"), server.log()
         assert answered_by(server.port) == first
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -133,8 +130,7 @@ def test_the_heartbeat_carries_on_after_a_live_move_to_epoll() -> None:
             server.wait_for(KILLED.format(n=1, pid=first), timeout=TIMEOUT + 15)
             assert closed_by_peer(stuck), server.log()
         server.booted(2)
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -177,8 +173,7 @@ def test_a_worker_replaced_by_sighup_drains_under_the_graceful_timeout(
             assert sock.recv(4096).startswith(b"HTTP/1.1 200"), server.log()
         server.wait_for(rf"INFO worker 1 \(pid {first}\) stopped \(exit code 0\)", timeout=20)
         assert not server.matches("timed out after"), server.log()
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 

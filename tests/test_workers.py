@@ -70,8 +70,7 @@ def test_workers_serve_and_only_they_open_rings(backend: str) -> None:
             if backend == "off":
                 assert ring_fds(pid) == 0
         assert server.proc.poll() is None, server.log()
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
         assert "io_uring touched in the master" not in server.log()
     finally:
         server.close()
@@ -93,8 +92,7 @@ def test_dead_worker_is_restarted_and_its_cause_logged(backend: str) -> None:
         server.booted(4)
         assert worker_count(server, 2), server.log()
         assert get_body(server.port).startswith(b"pid ")
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -128,8 +126,7 @@ def test_max_requests_recycles_workers_without_failing_a_request(
         assert not load.unanswered, f"requests never answered: {load.unanswered[:10]}"
         assert sorted(taken) == sorted(load.completed), "a request ran twice or got lost"
         assert max(Counter(taken).values()) == 1
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         load.stop()
         server.close()
@@ -150,8 +147,7 @@ def test_ttin_and_ttou_change_the_worker_count(backend: str) -> None:
         server.wait_for(r"SIGTTOU ignored: keeping the last worker")
         assert worker_count(server, 1), server.log()
         assert get_body(server.port).startswith(b"pid ")
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -170,8 +166,7 @@ def test_hup_restarts_workers_with_a_fresh_import(backend: str, tmp_path: Path) 
         assert wait_until(lambda: set(server.children()) == new, timeout=MAX_WORKER_WAIT)
         for _ in range(10):
             assert get_body(server.port, "/version") == b"v2"
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -183,8 +178,7 @@ def test_reuse_port_gives_each_worker_its_own_socket(backend: str) -> None:
         # The kernel spreads connections over the workers' sockets by their 4-tuple hash.
         seen = {get_body(server.port) for _ in range(64)}
         assert seen == {f"pid {p}".encode() for p in pids}, seen
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -213,8 +207,7 @@ def test_a_shared_socket_spreads_connections_over_the_workers(backend: str) -> N
         assert sum(served.values()) == 200, served
         assert set(served) == {f"pid {p}".encode() for p in pids}, served
         assert min(served.values()) >= 30, f"connections per worker: {dict(served)}"
-        server.send(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.log()
+        server.stop_cleanly()
     finally:
         server.close()
 
@@ -303,8 +296,7 @@ def test_sigterm_while_workers_boot_stops_promptly(backend: str) -> None:
     for _ in range(3):
         server = start(backend, "--workers", "3")
         try:
-            server.send(signal.SIGTERM)  # right after the startup line: workers are booting
-            assert server.wait(timeout=20) == 0, server.log()
+            server.stop_cleanly(timeout=20)  # right after the startup line: workers are booting
             assert "SIGKILL" not in server.log()
         finally:
             server.close()
