@@ -23,6 +23,18 @@ def _serving_in(st: ServerThread) -> None:
         assert resp.status == 200
 
 
+def _answered_last(st: ServerThread, sock: socket.socket) -> None:
+    """The draining server answers sock's request (hello_app's) with Connection: close,
+    closes it, and then serve_forever() returns."""
+    reader = Reader(sock)
+    resp = reader.read_response()
+    assert resp.status == 200 and resp.body == b"hello"
+    assert resp.header("Connection") == "close"
+    assert reader.at_eof(timeout=5)
+    st.thread.join(10)
+    assert not st.thread.is_alive(), "serve_forever() did not return once drained"
+
+
 def test_graceful_shutdown_closes_idle_and_finishes_requests_in_flight(backend: str) -> None:
     st = ServerThread(hello_app, backend)
     try:
@@ -40,13 +52,7 @@ def test_graceful_shutdown_closes_idle_and_finishes_requests_in_flight(backend: 
         newcomer = st.connect()
         newcomer.sendall(get())
         busy.sendall(b"\r\n")
-        busy_reader = Reader(busy)
-        late = busy_reader.read_response()
-        assert late.status == 200 and late.body == b"hello"
-        assert late.header("Connection") == "close"
-        assert busy_reader.at_eof(timeout=5)
-        st.thread.join(10)
-        assert not st.thread.is_alive(), "serve_forever() did not return once drained"
+        _answered_last(st, busy)
         assert not st.errors, st.errors
         idle.close()
         busy.close()
@@ -74,13 +80,7 @@ def test_first_request_sent_while_draining_is_answered_with_close(backend: str) 
         # The idle keep-alive witness closing shows the stop has begun.
         assert witness_reader.at_eof(timeout=5)
         silent.sendall(get())
-        reader = Reader(silent)
-        resp = reader.read_response()
-        assert resp.status == 200 and resp.body == b"hello"
-        assert resp.header("Connection") == "close"
-        assert reader.at_eof(timeout=5)
-        st.thread.join(10)
-        assert not st.thread.is_alive(), "serve_forever() did not return once drained"
+        _answered_last(st, silent)
         silent.close()
         witness.close()
     finally:
