@@ -158,6 +158,14 @@ class InFlight:
             sock.close()
 
 
+def idle_after_first(address: tuple[str, int]) -> tuple[socket.socket, Reader]:
+    """A keep-alive connection that has had one request answered and now sits idle."""
+    sock = socket.create_connection(address, timeout=TIMEOUT)
+    resp, reader = request(sock, get("/first"), timeout=TIMEOUT)
+    assert resp.status == 200
+    return sock, reader
+
+
 def read_one(sock: socket.socket) -> tuple[Response, Reader]:
     reader = Reader(sock, TIMEOUT)
     return reader.read_response(), reader
@@ -300,9 +308,7 @@ def test_a_ring_that_cannot_be_entered_never_repeats_or_skips_response_bytes(
     st = ServerThread(app, "on")
     try:
         assert wait_until(lambda: st.server._native is not None, TIMEOUT)
-        idle = socket.create_connection(st.address, timeout=TIMEOUT)
-        resp, _ = request(idle, get("/first"), timeout=TIMEOUT)
-        assert resp.status == 200
+        idle, _ = idle_after_first(st.address)
         big = socket.create_connection(st.address, timeout=TIMEOUT)
         big.sendall(get("/big"))
         big_reader = Reader(big, TIMEOUT)
@@ -349,9 +355,7 @@ def test_a_real_enter_error_moves_the_server_to_epoll_without_losing_the_respons
         assert server.backend == "io_uring"
         assert wait_until(lambda: ring_fds(server.pid) >= 1, TIMEOUT)
         address = ("127.0.0.1", server.port)
-        idle = socket.create_connection(address, timeout=TIMEOUT)
-        resp, _ = request(idle, get("/first"), timeout=TIMEOUT)
-        assert resp.status == 200
+        idle, _ = idle_after_first(address)
         poisoner = socket.create_connection(address, timeout=TIMEOUT)
         resp, _ = request(poisoner, get("/poison"), timeout=TIMEOUT)
         if resp.body.startswith(b"unavailable"):
@@ -405,9 +409,7 @@ def test_a_graceful_stop_asked_during_the_switch_completes_on_epoll(
     st = ServerThread(app, "on", keep_alive_timeout=60.0)
     try:
         assert wait_until(lambda: st.server._native is not None, TIMEOUT)
-        idle = socket.create_connection(st.address, timeout=TIMEOUT)
-        resp, idle_reader = request(idle, get("/first"), timeout=TIMEOUT)
-        assert resp.status == 200
+        idle, idle_reader = idle_after_first(st.address)
         body = socket.create_connection(st.address, timeout=TIMEOUT)
         head = f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n\r\n"
         body.sendall(head.encode() + BODY[: len(BODY) // 2])
