@@ -272,24 +272,21 @@ fn write_head(
     out: &mut Vec<u8>,
     hint: Option<u64>,
 ) -> PyResult<()> {
-    if reply.head_sent {
-        if !reply.written.is_empty() {
-            conn.write_body(&reply.written, out);
-            reply.written.clear();
-        }
-        return Ok(());
+    if !reply.head_sent {
+        let Some(status) = reply.status() else {
+            return Err(pyo3::exceptions::PyAssertionError::new_err(
+                "the WSGI app returned without calling start_response()",
+            ));
+        };
+        // Bytes passed to write() come first and make the length unknown up front.
+        let hint = if reply.written.is_empty() { hint } else { None };
+        reply
+            .with_headers(|headers| conn.start_response(status, headers, hint, out))
+            .map_err(|e| {
+                pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}"))
+            })?;
+        reply.head_sent = true;
     }
-    let Some(status) = reply.status() else {
-        return Err(pyo3::exceptions::PyAssertionError::new_err(
-            "the WSGI app returned without calling start_response()",
-        ));
-    };
-    // Bytes passed to write() come first and make the length unknown up front.
-    let hint = if reply.written.is_empty() { hint } else { None };
-    reply
-        .with_headers(|headers| conn.start_response(status, headers, hint, out))
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("invalid response: {e}")))?;
-    reply.head_sent = true;
     if !reply.written.is_empty() {
         conn.write_body(&reply.written, out);
         reply.written.clear();
