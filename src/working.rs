@@ -57,30 +57,30 @@ impl WorkPool {
                 }
             }
         }
-        if let Some(w) = self.free.pop() {
-            let mut io = lock_io(&w.io);
-            io.fd = fd;
-            if self.refuse_keep_alive {
-                io.conn.refuse_keep_alive();
+        let w = match self.free.pop() {
+            Some(w) => w,
+            None => {
+                self.made += 1;
+                let io = ConnIo::shared(limits, fd);
+                let session = Session::new(io.clone(), Peer::unknown());
+                Working {
+                    io,
+                    session: Arc::new(Mutex::new(session)),
+                }
             }
-            drop(io);
-            let mut session = lock_session(&w.session);
-            session.peer = peer;
-            session.set_requests(requests);
-            drop(session);
-            return w;
-        }
-        self.made += 1;
-        let io = ConnIo::shared(limits, fd);
+        };
+        // A pooled state and a new one are set up alike from here.
+        let mut io = lock_io(&w.io);
+        io.fd = fd;
         if self.refuse_keep_alive {
-            lock_io(&io).conn.refuse_keep_alive();
+            io.conn.refuse_keep_alive();
         }
-        let mut session = Session::new(io.clone(), peer);
+        drop(io);
+        let mut session = lock_session(&w.session);
+        session.peer = peer;
         session.set_requests(requests);
-        Working {
-            io,
-            session: Arc::new(Mutex::new(session)),
-        }
+        drop(session);
+        w
     }
 
     /// Takes `w` back if its connection rests between requests and nothing else (a turn in
