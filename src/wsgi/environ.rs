@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
 use crate::http::{Request, Version};
@@ -44,23 +45,17 @@ pub fn template<'py>(
     d.set_item("SERVER_NAME", &info.server_name)?;
     d.set_item("SERVER_PORT", info.server_port.to_string())?;
     d.set_item("SERVER_SOFTWARE", &info.software)?;
-    // Every request has these. The usual values are in the template, so a GET without a
-    // query or body sets fewer keys; the others are placeholders, which make each copy big
-    // enough up front that filling it in does not resize it. build() sets every one whose
-    // value differs.
-    d.set_item(intern!(py, "REQUEST_METHOD"), intern!(py, "GET"))?;
-    d.set_item(intern!(py, "QUERY_STRING"), intern!(py, ""))?;
-    d.set_item(intern!(py, "SERVER_PROTOCOL"), intern!(py, "HTTP/1.1"))?;
-    d.set_item(intern!(py, "wsgi.input"), empty_input)?;
-    for key in [
-        intern!(py, "PATH_INFO"),
-        intern!(py, "RAW_URI"),
-        intern!(py, "REQUEST_URI"),
-        intern!(py, "REMOTE_ADDR"),
-        intern!(py, "REMOTE_PORT"),
-    ] {
+    // Every request has these: placeholders make each copy big enough up front that filling
+    // it in does not resize it. Where there is a usual value the template holds it, so a GET
+    // without a query or body sets fewer keys; build() sets every one whose value differs.
+    let keys = RequestKeys::get(py);
+    for key in keys.all() {
         d.set_item(key, py.None())?;
     }
+    d.set_item(&keys.method, intern!(py, "GET"))?;
+    d.set_item(&keys.query, intern!(py, ""))?;
+    d.set_item(&keys.protocol, intern!(py, "HTTP/1.1"))?;
+    d.set_item(&keys.input, empty_input)?;
     // Those keys fill the dict's table exactly, so the first header of every request would
     // make each copy resize. One more key grows the template's table instead, and removing
     // it again keeps the size: copies are made at that size, with room for the headers.
@@ -68,6 +63,67 @@ pub fn template<'py>(
     d.set_item(&spare, py.None())?;
     d.del_item(&spare)?;
     Ok(d)
+}
+
+/// The keys build() sets for every request, as interned str. Listed once for both build() and
+/// the template, which must hold every one of them (see template()).
+struct RequestKeys {
+    method: Py<PyString>,
+    query: Py<PyString>,
+    protocol: Py<PyString>,
+    input: Py<PyString>,
+    path: Py<PyString>,
+    raw_uri: Py<PyString>,
+    request_uri: Py<PyString>,
+    remote_addr: Py<PyString>,
+    remote_port: Py<PyString>,
+}
+
+impl RequestKeys {
+    fn get(py: Python<'_>) -> &'static RequestKeys {
+        static KEYS: PyOnceLock<RequestKeys> = PyOnceLock::new();
+        KEYS.get_or_init(py, || {
+            let key = |name| PyString::intern(py, name).unbind();
+            RequestKeys {
+                method: key("REQUEST_METHOD"),
+                query: key("QUERY_STRING"),
+                protocol: key("SERVER_PROTOCOL"),
+                input: key("wsgi.input"),
+                path: key("PATH_INFO"),
+                raw_uri: key("RAW_URI"),
+                request_uri: key("REQUEST_URI"),
+                remote_addr: key("REMOTE_ADDR"),
+                remote_port: key("REMOTE_PORT"),
+            }
+        })
+    }
+
+    /// Every key, for the template. Taken apart without `..`: a key added to the struct does
+    /// not compile until it is listed here too.
+    fn all(&self) -> [&Py<PyString>; 9] {
+        let RequestKeys {
+            method,
+            query,
+            protocol,
+            input,
+            path,
+            raw_uri,
+            request_uri,
+            remote_addr,
+            remote_port,
+        } = self;
+        [
+            method,
+            query,
+            protocol,
+            input,
+            path,
+            raw_uri,
+            request_uri,
+            remote_addr,
+            remote_port,
+        ]
+    }
 }
 
 /// Bytes as a latin-1 str: PEP 3333's rule for everything taken from the wire.
@@ -331,10 +387,11 @@ pub fn build<'py>(
     input: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = template.copy()?;
+    let k = RequestKeys::get(py);
     let mut cache = keys.strings();
     let method = req.method();
     if method != "GET" {
-        env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, method))?;
+        env.set_item(&k.method, method_str(py, method))?;
     }
     let path = cached_value(py, &mut cache, req.path());
     let query = match req.query() {
@@ -343,7 +400,7 @@ pub fn build<'py>(
         q => Some(PyString::new(py, q)),
     };
     if let Some(query) = query {
-        env.set_item(intern!(py, "QUERY_STRING"), query)?;
+        env.set_item(&k.query, query)?;
     }
     let target = match req.target() {
         // Most targets are just the path: one str serves both (when ASCII, where the path's
@@ -352,20 +409,20 @@ pub fn build<'py>(
         t if t.is_ascii() => cached_value(py, &mut cache, t.as_bytes()),
         t => PyString::new(py, t),
     };
-    env.set_item(intern!(py, "PATH_INFO"), path)?;
-    env.set_item(intern!(py, "RAW_URI"), &target)?;
-    env.set_item(intern!(py, "REQUEST_URI"), target)?;
+    env.set_item(&k.path, path)?;
+    env.set_item(&k.raw_uri, &target)?;
+    env.set_item(&k.request_uri, target)?;
     if req.version == Version::Http10 {
-        env.set_item(intern!(py, "SERVER_PROTOCOL"), intern!(py, "HTTP/1.0"))?;
+        env.set_item(&k.protocol, intern!(py, "HTTP/1.0"))?;
     }
     let addr = match &mut cache {
         Some(strings) => strings.addr(py, &peer.host),
         None => PyString::new(py, &peer.host.to_string()),
     };
-    env.set_item(intern!(py, "REMOTE_ADDR"), addr)?;
-    env.set_item(intern!(py, "REMOTE_PORT"), peer.port_str(py))?;
+    env.set_item(&k.remote_addr, addr)?;
+    env.set_item(&k.remote_port, peer.port_str(py))?;
     if let Some(input) = input {
-        env.set_item(intern!(py, "wsgi.input"), input)?;
+        env.set_item(&k.input, input)?;
     }
     for (i, (name, value)) in req.headers().enumerate() {
         let key = match &mut cache {
