@@ -5,8 +5,8 @@ use super::error::HttpError;
 use super::limits::Limits;
 use super::request::{parse_head, HeadScanner, Request, Version};
 use super::response::{
-    inspect_headers, parse_status, plan, reason_phrase, write_chunk, write_continue, write_error,
-    write_head, Exchange, ResponseFraming, LAST_CHUNK,
+    inspect_headers, parse_status, plan, write_chunk, write_continue, write_error, write_head,
+    Exchange, ResponseFraming, LAST_CHUNK,
 };
 
 /// What the peer's bytes amount to, one step at a time.
@@ -409,11 +409,7 @@ impl Connection {
         if matches!(self.send, Send::Body { .. } | Send::Done) {
             return false;
         }
-        write_error(status, self.head_request, out);
-        self.body_sent = match self.head_request {
-            true => 0,
-            false => reason_phrase(status).len() as u64 + 1,
-        };
+        self.body_sent = write_error(status, self.head_request, out);
         self.send = Send::Done;
         true
     }

@@ -255,22 +255,26 @@ pub fn write_error_response(status: u16, out: &mut Vec<u8>) {
     write_error(status, false, out);
 }
 
-pub(crate) fn write_error(status: u16, head_only: bool, out: &mut Vec<u8>) {
+/// Returns the length of the body written (0 for `head_only`), the access log's size.
+pub(crate) fn write_error(status: u16, head_only: bool, out: &mut Vec<u8>) -> u64 {
     let reason = reason_phrase(status).as_bytes();
     out.extend_from_slice(b"HTTP/1.1 ");
     push_int(out, u64::from(status), 10);
     out.push(b' ');
     out.extend_from_slice(reason);
+    let body_len = reason.len() as u64 + 1;
     out.extend_from_slice(b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ");
-    push_int(out, reason.len() as u64 + 1, 10);
+    push_int(out, body_len, 10);
     out.extend_from_slice(b"\r\nConnection: close\r\n");
     push_field(out, b"Date", &http_date_now());
     push_field(out, b"Server", SERVER_NAME.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(reason);
-        out.push(b'\n');
+    if head_only {
+        return 0;
     }
+    out.extend_from_slice(reason);
+    out.push(b'\n');
+    body_len
 }
 
 /// The standard reason phrase for `code` (RFC 9110 names), or a class name for unknown codes.
