@@ -417,12 +417,15 @@ impl Connection {
     /// Between requests with nothing received, nothing to answer and input still open: the
     /// state of a fresh connection, so [`reuse`](Self::reuse) loses nothing.
     pub fn at_rest(&self) -> bool {
+        self.between_requests() && self.keep_alive && !self.eof
+    }
+
+    /// Waiting for a request head with nothing of it received and nothing being answered.
+    fn between_requests(&self) -> bool {
         matches!(self.recv, Recv::Head)
             && matches!(self.send, Send::Idle)
+            && self.buffered() == 0
             && self.scanner.is_fresh()
-            && self.start == self.buf.len()
-            && self.keep_alive
-            && !self.eof
     }
 
     /// Makes this a fresh connection again, for another peer. The input buffer's allocation is
@@ -460,11 +463,7 @@ impl Connection {
     /// no request. A connection that has not had its first request is never idle: that
     /// request (or the end of a TLS handshake) may be on its way.
     pub fn is_idle(&self) -> bool {
-        self.reused
-            && matches!(self.recv, Recv::Head)
-            && matches!(self.send, Send::Idle)
-            && self.buffered() == 0
-            && self.scanner.is_fresh()
+        self.reused && self.between_requests()
     }
 
     /// Whether the connection can carry another request, as decided so far.
