@@ -43,8 +43,14 @@ pub type SharedIo = Arc<Mutex<ConnIo>>;
 
 impl ConnIo {
     pub fn shared(limits: Limits, fd: i32) -> SharedIo {
-        Arc::new(Mutex::new(ConnIo {
-            conn: Connection::new(limits),
+        Arc::new(Mutex::new(ConnIo::fresh(Connection::new(limits), fd)))
+    }
+
+    /// The state of a connection that has not exchanged anything yet; the one place that
+    /// says what that is, for new states and reused ones alike.
+    fn fresh(conn: Connection, fd: i32) -> ConnIo {
+        ConnIo {
+            conn,
             out: Vec::new(),
             flushed: 0,
             fd,
@@ -54,7 +60,7 @@ impl ConnIo {
             severed: None,
             input_paused: false,
             owed: Vec::new(),
-        }))
+        }
     }
 
     /// Whether nothing is received, pending or owed: see [`Connection::at_rest`].
@@ -66,15 +72,10 @@ impl ConnIo {
     /// unless it grew past `keep_capacity`.
     pub fn reuse(&mut self, fd: i32, keep_capacity: usize) {
         self.conn.reuse(keep_capacity);
-        self.out = Vec::new();
-        self.flushed = 0;
-        self.fd = fd;
-        self.tls = None;
-        self.arrivals = 0;
-        self.arrivals_seen = 0;
-        self.severed = None;
-        self.input_paused = false;
-        self.owed = Vec::new();
+        // The Connection stand-in allocates nothing; the reused one goes back in at once.
+        let stand_in = Connection::new(Limits::default());
+        let ConnIo { conn, .. } = std::mem::replace(self, ConnIo::fresh(stand_in, fd));
+        self.conn = conn;
     }
 
     /// Everything written so far, sent or not: response sizes are differences of this.
