@@ -74,7 +74,7 @@ class _Transport:
 
 
 class _Conn:
-    __slots__ = ("abandoned", "busy", "out", "overdue", "proto", "sock")
+    __slots__ = ("abandoned", "busy", "out", "overdue", "proto", "running", "sock")
 
     def __init__(
         self,
@@ -95,8 +95,12 @@ class _Conn:
             self.proto = HttpProtocol.adopt(app, handed, transport)
         # Its deadline passed while its input waited to be handled: the next turn decides.
         self.overdue = handed.overdue if handed is not None else False
-        # Its turn runs on the pool: the loop leaves it (and its socket) alone until then.
+        # Its turn went to the pool: the loop leaves it (and its socket) alone until the
+        # output comes back (the loop's view; set and cleared on the loop's thread).
         self.busy = False
+        # Its turn is still running on a pool thread (the pool's view: cleared, under the
+        # pool's lock, when the turn ends, before its output waits in _Pool.done).
+        self.running = False
         # Closed by the loop while its turn ran: whoever holds it last closes the socket
         # (see _Pool.finished), so a thread still in the turn never uses a reused fd number.
         self.abandoned = False
@@ -143,6 +147,7 @@ class _Pool:
         """A turn ended: its output goes to the loop (True), or, when the loop closed the
         connection meanwhile, its socket is closed here, now that no thread uses it."""
         with self.lock:
+            conn.running = False
             if not conn.abandoned:
                 self.done.append((conn, out))
                 return True
@@ -157,21 +162,13 @@ class _Pool:
         except OSError:
             pass
         with self.lock:
-            conn.abandoned = True
-            if conn.busy and not any(c is conn for c, _ in self.done):
-                return  # still running: finished() closes it
+            if conn.running:
+                conn.abandoned = True
+                return  # finished() closes it
         conn.sock.close()
 
-    def close_abandoned(self) -> None:
-        """After stop(): the turns that ended but never reached the loop."""
-        with self.lock:
-            left = [conn for conn, _ in self.done]
-            self.done.clear()
-        for conn in left:
-            conn.sock.close()
-
     def submit(self, conn: _Conn, turn: Callable[[], bytes]) -> None:
-        conn.busy = True
+        conn.busy = conn.running = True
         self.jobs.put((conn, turn))
 
     def stop(self) -> None:
@@ -497,5 +494,6 @@ def serve_epoll(
             close_owing_nothing(conn)
         sel.close()
         if pool is not None:
+            # Every connection, busy or not, was closed above (a turn still running closes
+            # its socket when it ends), so what waits in pool.done needs nothing more.
             pool.stop()
-            pool.close_abandoned()
