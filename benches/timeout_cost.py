@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PY = sys.executable
 BACKENDS = ("on", "off")
@@ -50,9 +52,16 @@ def start(backend: str, timeout: int, port: int) -> tuple[subprocess.Popen[str],
     raise RuntimeError("the worker never booted")
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    proc.wait(30)
+@contextmanager
+def serving(backend: str, timeout: int) -> Iterator[tuple[int, int]]:
+    """A server on a free port while the block runs: its port and its worker's pid."""
+    port = free_port()
+    proc, pid = start(backend, timeout, port)
+    try:
+        yield port, pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def cpu_and_wakeups(pid: int) -> tuple[float, int]:
@@ -80,13 +89,10 @@ def wrk(port: int, conns: int, seconds: int) -> tuple[int, float]:
 def idle() -> None:
     for backend in BACKENDS:
         for timeout in TIMEOUTS:
-            proc, pid = start(backend, timeout, free_port())
-            try:
+            with serving(backend, timeout) as (_port, pid):
                 c0, w0 = cpu_and_wakeups(pid)
                 time.sleep(IDLE_SECONDS)  # measuring what an idle worker does meanwhile
                 c1, w1 = cpu_and_wakeups(pid)
-            finally:
-                stop(proc)
             print(
                 f"idle {backend:3} --timeout {timeout:2}: {IDLE_SECONDS} s: "
                 f"cpu {1000 * (c1 - c0):.0f} ms, wake-ups {w1 - w0}",
@@ -97,9 +103,10 @@ def idle() -> None:
 def syscalls() -> None:
     for backend in BACKENDS:
         for timeout in TIMEOUTS:
-            port = free_port()
-            proc, pid = start(backend, timeout, port)
-            with tempfile.NamedTemporaryFile("r", suffix=".strace") as report:
+            with (
+                serving(backend, timeout) as (port, pid),
+                tempfile.NamedTemporaryFile("r", suffix=".strace") as report,
+            ):
                 tracer = subprocess.Popen(
                     ["strace", "-c", "-f", "-p", str(pid), "-o", report.name],
                     stderr=subprocess.DEVNULL,
@@ -110,7 +117,6 @@ def syscalls() -> None:
                 finally:
                     tracer.terminate()
                     tracer.wait(30)
-                    stop(proc)
                 total = [ln for ln in report.read().splitlines() if ln.rstrip().endswith("total")]
             calls = int(total[0].split()[3])
             print(
@@ -125,13 +131,9 @@ def load() -> None:
         rates: dict[int, list[float]] = {t: [] for t in TIMEOUTS}
         for _ in range(3):
             for timeout in TIMEOUTS:
-                port = free_port()
-                proc, _pid = start(backend, timeout, port)
-                try:
+                with serving(backend, timeout) as (port, _pid):
                     wrk(port, 32, 1)  # warm-up
                     rates[timeout].append(wrk(port, 32, 5)[1])
-                finally:
-                    stop(proc)
         for timeout, got in rates.items():
             shown = ", ".join(f"{r:.0f}" for r in got)
             print(
