@@ -421,16 +421,17 @@ def serve_epoll(
             due = timers.next_due()
             if deadline is not None:
                 due = deadline if due is None else min(due, deadline)
+            # One clock read a pass, for the heartbeat and the wait alike.
+            now = time.monotonic()
             if heartbeat is not None:
-                # One clock read a pass; a beat (a store in shared memory) once an interval.
-                now = time.monotonic()
+                # A beat (a store in shared memory) once an interval.
                 if now >= next_beat:
                     heartbeat.beat()
                     next_beat = now + heartbeat.interval
                 due = next_beat if due is None else min(due, next_beat)
             if woken:
-                due = time.monotonic()
-            events = sel.select(None if due is None else max(0.0, due - time.monotonic()))
+                due = now
+            events = sel.select(None if due is None else max(0.0, due - now))
             expire(events)
             for key, mask in events:
                 if key.fileobj is wake:
