@@ -169,6 +169,16 @@ struct Core {
 /// Set by `force_unhealthy`: the reason and whether the ring can still be entered.
 type Forced = Arc<Mutex<Option<(String, bool)>>>;
 
+/// The earlier of two optional instants. The loop's wake-up is the earliest of the next
+/// connection deadline, the drain's end and the next heartbeat (an idle loop still wakes to
+/// beat); the ring's one timer is only re-armed when it moves earlier, so about once a beat.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -507,15 +517,22 @@ impl Core {
     }
 
     /// One enter, unless work is already waiting; then every completion delivered. A signal
-    /// (EINTR) just ends the wait: the caller runs Python's handlers after every pass.
-    fn wait(&mut self) -> RingResult<()> {
+    /// (EINTR) just ends the wait: the caller runs Python's handlers after every pass. Once
+    /// draining, `deadline` (the end of the grace period) bounds the wait too.
+    fn wait(&mut self, deadline: Option<Instant>) -> RingResult<()> {
         self.beat();
         self.deliver()?;
         self.expire()?;
-        if !self.queue.is_empty() || self.woken || self.pool_woken {
+        if !self.queue.is_empty()
+            || self.woken
+            || self.pool_woken
+            || deadline.is_some_and(|at| Instant::now() >= at)
+        {
             return Ok(());
         }
-        self.hp.set_timer(self.next_wake(self.timers.next_due()))?;
+        let due = earliest(self.timers.next_due(), deadline);
+        let wake = earliest(due, self.heartbeat.as_ref().map(Beating::due));
+        self.hp.set_timer(wake)?;
         if let Err(e) = self.hp.enter(1, None) {
             self.hp.enter_failed(e)?;
         }
@@ -526,15 +543,6 @@ impl Core {
     fn beat(&mut self) {
         if let Some(h) = self.heartbeat.as_mut() {
             h.tick();
-        }
-    }
-
-    /// The earlier of `due` and the next heartbeat: an idle loop still wakes to beat. The
-    /// ring's one timer is only re-armed when this moves earlier, so about once a beat.
-    fn next_wake(&self, due: Option<Instant>) -> Option<Instant> {
-        match (due, self.heartbeat.as_ref().map(Beating::due)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
         }
     }
 
@@ -1086,23 +1094,6 @@ impl Core {
         }
         Ok(self.conns.len() == 0 && self.unclosed.is_empty())
     }
-
-    /// Like `wait`, but returns by `deadline` at the latest.
-    fn wait_draining(&mut self, deadline: Instant) -> RingResult<()> {
-        self.beat();
-        self.deliver()?;
-        self.expire()?;
-        if !self.queue.is_empty() || self.woken || self.pool_woken || Instant::now() >= deadline {
-            return Ok(());
-        }
-        let due = self.timers.next_due().map_or(deadline, |t| t.min(deadline));
-        self.hp.set_timer(self.next_wake(Some(due)))?;
-        if let Err(e) = self.hp.enter(1, None) {
-            self.hp.enter_failed(e)?;
-        }
-        self.deliver()?;
-        self.expire()
-    }
 }
 
 /// What ends a serve loop gracefully: the caller's `draining()` after a wake-up, or the app's
@@ -1226,10 +1217,7 @@ impl UringServer {
                 let mut core = lock(&self.core);
                 // Before waiting: what the previous turns changed is settled.
                 core.publish_metrics();
-                match deadline {
-                    None => core.wait()?,
-                    Some(at) => core.wait_draining(at)?,
-                }
+                core.wait(deadline)?;
                 core.take_handbacks()?;
                 core.take_batch(&mut batch)?;
                 if !batch.is_empty() {
