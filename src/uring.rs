@@ -523,12 +523,16 @@ fn poll_fd(fd: i32, events: i16, timeout: Duration) -> io::Result<bool> {
     }
 }
 
-/// Reads what socket `fd` has, waiting up to `timeout` for something: None when nothing
-/// came in time, Some(0) at EOF. For a connection no ring serves any more.
-pub fn recv_waiting(fd: i32, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+/// Runs `op`, a non-blocking recv or send on `fd`, until it goes through: again after EINTR,
+/// and after EAGAIN once `fd` is ready for `events`. None when it was not within `timeout`.
+fn when_ready(
+    fd: i32,
+    events: i16,
+    timeout: Duration,
+    mut op: impl FnMut() -> isize,
+) -> io::Result<Option<usize>> {
     loop {
-        // SAFETY: the pointer and length describe `buf`, which recv may fill.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = op();
         if n >= 0 {
             return Ok(Some(n as usize));
         }
@@ -536,13 +540,22 @@ pub fn recv_waiting(fd: i32, buf: &mut [u8], timeout: Duration) -> io::Result<Op
         match err.raw_os_error() {
             Some(libc::EINTR) => {}
             Some(libc::EAGAIN) => {
-                if !poll_fd(fd, libc::POLLIN, timeout)? {
+                if !poll_fd(fd, events, timeout)? {
                     return Ok(None);
                 }
             }
             _ => return Err(err),
         }
     }
+}
+
+/// Reads what socket `fd` has, waiting up to `timeout` for something: None when nothing
+/// came in time, Some(0) at EOF. For a connection no ring serves any more.
+pub fn recv_waiting(fd: i32, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+    when_ready(fd, libc::POLLIN, timeout, || {
+        // SAFETY: the pointer and length describe `buf`, which recv may fill.
+        unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) }
+    })
 }
 
 /// Sends all of `data` on socket `fd`, waiting up to `timeout` for each bit of progress;
@@ -553,20 +566,10 @@ pub fn send_waiting(fd: i32, data: &[u8], timeout: Duration) -> io::Result<bool>
         let rest = &data[sent..];
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
         // SAFETY: the pointer and length describe `rest`, which send only reads.
-        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
-        if n >= 0 {
-            sent += n as usize;
-            continue;
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EAGAIN) => {
-                if !poll_fd(fd, libc::POLLOUT, timeout)? {
-                    return Ok(false);
-                }
-            }
-            _ => return Err(err),
+        let send = || unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
+        match when_ready(fd, libc::POLLOUT, timeout, send)? {
+            Some(n) => sent += n,
+            None => return Ok(false),
         }
     }
     Ok(true)
