@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::errors::BodyError;
 use crate::tls;
-use crate::transport::{lock_io, SharedIo};
+use crate::transport::{lock_io, ConnIo, SharedIo};
 use crate::uring::{recv_waiting, send_waiting};
 
 /// Sends wire bytes on `fd`, waiting up to `wait` for each bit of progress.
@@ -17,17 +17,26 @@ pub fn send_wire(fd: i32, bytes: &[u8], wait: Duration) -> Result<(), BodyError>
     }
 }
 
-/// Sends `plain` (sealed under TLS) on the connection of `io`, after the bytes the ring took
-/// for it and never sent (`ConnIo::owed`).
-pub fn send_plain(io: &SharedIo, plain: Vec<u8>, wait: Duration) -> Result<(), BodyError> {
+/// Sends, on the connection of `io`, the bytes the ring took for it and never sent
+/// (`ConnIo::owed`), then the wire bytes `then` makes: the peer must get them in that order.
+fn send_after_owed(
+    io: &SharedIo,
+    wait: Duration,
+    then: impl FnOnce(&mut ConnIo) -> Vec<u8>,
+) -> Result<(), BodyError> {
     let (fd, wire) = {
         let mut io = lock_io(io);
         let mut wire = std::mem::take(&mut io.owed);
-        let sealed = tls::sealed(&mut io, plain);
-        wire.extend_from_slice(&sealed);
+        let more = then(&mut io);
+        wire.extend_from_slice(&more);
         (io.fd, wire)
     };
     send_wire(fd, &wire, wait)
+}
+
+/// Sends `plain` (sealed under TLS) on the connection of `io`, after what the ring left unsent.
+pub fn send_plain(io: &SharedIo, plain: Vec<u8>, wait: Duration) -> Result<(), BodyError> {
+    send_after_owed(io, wait, |io| tls::sealed(io, plain))
 }
 
 /// Reads what the socket of `io` has (waiting up to `wait`) into its connection; what the
@@ -62,13 +71,5 @@ pub fn pull_with(
 
 /// `pull_with`, the reply sent after what the ring left unsent.
 pub fn pull(io: &SharedIo, wait: Duration) -> Result<(), BodyError> {
-    pull_with(io, wait, |wire| {
-        let (fd, all) = {
-            let mut io = lock_io(io);
-            let mut all = std::mem::take(&mut io.owed);
-            all.extend_from_slice(&wire);
-            (io.fd, all)
-        };
-        send_wire(fd, &all, wait)
-    })
+    pull_with(io, wait, |wire| send_after_owed(io, wait, |_| wire))
 }
