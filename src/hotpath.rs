@@ -1308,11 +1308,7 @@ mod tests {
         assert_eq!(fds.len(), 4);
         // Paused cancels the armed multishot accept, and it stays unarmed.
         hp.set_accepting(lfd, Accepting::Paused).unwrap();
-        assert!(hp
-            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
-                .ops_in_flight()
-                == 0)
-            .unwrap());
+        assert!(settles(&mut hp));
         let _late = TcpStream::connect(addr).unwrap();
         assert!(accepted(&mut hp, Duration::from_millis(100)).is_empty());
         for fd in fds {
@@ -1333,12 +1329,16 @@ mod tests {
         // final CQE is reaped; it must reach the kernel now.
         hp.set_accepting(lfd, Accepting::Paused).unwrap();
         assert_eq!(hp.uring.sq_pending(), 0, "the cancel waits in the SQ");
-        assert!(hp
-            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
-                .ops_in_flight()
-                == 0)
-            .unwrap());
+        assert!(settles(&mut hp));
         hp.teardown(true);
+    }
+
+    /// Drives the ring until no op is in flight any more; false if that took 5 s.
+    fn settles(hp: &mut Hotpath) -> bool {
+        hp.drive_until(Instant::now() + Duration::from_secs(5), |h| {
+            h.ops_in_flight() == 0
+        })
+        .unwrap()
     }
 
     /// A send the peer does not read, then received bytes, then an evacuation.
@@ -1555,11 +1555,7 @@ mod tests {
         assert!(hp.counters.enobufs > 0);
         assert!(hp.counters.recv_rearms > 0);
         hp.begin_cancel_all().unwrap();
-        assert!(hp
-            .drive_until(Instant::now() + Duration::from_secs(5), |h| h
-                .ops_in_flight()
-                == 0)
-            .unwrap());
+        assert!(settles(&mut hp));
         hp.teardown(true);
         close_fd(fd);
     }
@@ -1600,10 +1596,7 @@ mod tests {
             .unwrap());
         close_fd(fd);
         hp.begin_cancel_all().unwrap();
-        hp.drive_until(Instant::now() + Duration::from_secs(5), |h| {
-            h.ops_in_flight() == 0
-        })
-        .unwrap();
+        settles(&mut hp);
         hp.teardown(true);
     }
 }
