@@ -27,10 +27,13 @@ pub struct ConnState {
 /// the fd, and closes it if it is never adopted.
 #[pyclass(module = "uringserve._uringserve", frozen)]
 pub struct HandedOver {
+    #[pyo3(get)]
     fd: i32,
     unsent: Vec<u8>,
     /// The running timeout's name and the seconds left until it falls due.
     timer: Option<(&'static str, f64)>,
+    /// The deadline passed while the connection's input waited for its turn.
+    #[pyo3(get)]
     overdue: bool,
     state: Mutex<Option<ConnState>>,
 }
@@ -64,11 +67,6 @@ impl HandedOver {
 
 #[pymethods]
 impl HandedOver {
-    #[getter]
-    fn fd(&self) -> i32 {
-        self.fd
-    }
-
     /// Output the ring took and did not send: it goes out before anything else.
     #[getter]
     fn unsent<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
@@ -85,12 +83,6 @@ impl HandedOver {
     #[getter]
     fn due_in(&self) -> Option<f64> {
         self.timer.map(|(_, left)| left)
-    }
-
-    /// The deadline passed while the connection's input waited for its turn.
-    #[getter]
-    fn overdue(&self) -> bool {
-        self.overdue
     }
 
     fn __repr__(&self) -> String {
@@ -114,49 +106,29 @@ impl Drop for HandedOver {
 /// Why the ring was given up and everything its loop handed over.
 #[pyclass(module = "uringserve._uringserve", frozen)]
 pub struct Handover {
+    #[pyo3(get)]
     pub reason: String,
     pub connections: Vec<Py<HandedOver>>,
     /// The wake socket had a byte the ring consumed: the new loop must ask whether to stop.
+    #[pyo3(get)]
     pub woken: bool,
     /// Connections closed because a send on them was never confirmed.
+    #[pyo3(get)]
     pub dropped: usize,
     /// The kernel confirmed the end of every operation (false: the ring could not be entered
     /// any more, and memory it might still touch was leaked).
+    #[pyo3(get)]
     pub confirmed: bool,
     /// Seconds left of a graceful stop in progress.
+    #[pyo3(get)]
     pub drain_left: Option<f64>,
 }
 
 #[pymethods]
 impl Handover {
     #[getter]
-    fn reason(&self) -> &str {
-        &self.reason
-    }
-
-    #[getter]
     fn connections<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         PyList::new(py, self.connections.iter().map(|c| c.clone_ref(py)))
-    }
-
-    #[getter]
-    fn woken(&self) -> bool {
-        self.woken
-    }
-
-    #[getter]
-    fn dropped(&self) -> usize {
-        self.dropped
-    }
-
-    #[getter]
-    fn confirmed(&self) -> bool {
-        self.confirmed
-    }
-
-    #[getter]
-    fn drain_left(&self) -> Option<f64> {
-        self.drain_left
     }
 
     fn __repr__(&self) -> String {
